@@ -1,0 +1,37 @@
+"""Weight-free metrics (Diffusion-4K GLCM score, JPEG-q95 compression ratio) and honest 'not computed' entries."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from ultraflux.evaluation.metrics import compression_ratio, generation_metrics, glcm_score
+
+
+def test_glcm_score_flat_vs_textured():
+    flat = Image.new("RGB", (128, 128), (90, 90, 90))
+    # A flat patch has one non-zero GLCM cell per (distance, angle): the value histogram has two values.
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    assert glcm_score(noisy) > glcm_score(flat) >= 0
+
+
+def test_glcm_score_hand_computed_for_a_flat_patch():
+    # 64x64 constant patch, 64 levels, 4 distances x 4 angles, normed: each (d, a) slice has one cell equal to 1 and
+    # 4095 zeros; the whole 64x64x4x4 array has 16 ones and 65520 zeros -> entropy of (16, 65520) counts in bits.
+    p1 = 16 / (64 * 64 * 16)
+    expected = -(p1 * np.log2(p1) + (1 - p1) * np.log2(1 - p1))
+    assert glcm_score(Image.new("L", (64, 64), 200)) == pytest.approx(expected)
+
+
+def test_compression_ratio_orders_detail():
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    flat = Image.new("RGB", (256, 256), (10, 200, 30))
+    assert compression_ratio(flat) > 10 * compression_ratio(noisy)
+    assert 0.5 < compression_ratio(noisy) < 3  # q95 JPEG barely compresses noise
+
+
+def test_learned_metrics_are_reported_not_invented(params):
+    out = generation_metrics([Image.new("RGB", (64, 64))], params)
+    for key, param in (("fid", "fid_inception_weights"), ("hpsv3", "hpsv3_weights"),
+                       ("artimuse", "artimuse_weights"), ("qalign", "qalign_weights")):
+        assert out[key] == f"not computed (no weights at evaluate.{param})"

@@ -1,0 +1,105 @@
+"""Execution engines for the per-image function (``curate.engine``): ``local`` or ``ray``.
+
+* ``local``: a process pool on one machine (``concurrent.futures.ProcessPoolExecutor``) with ``curate.workers``
+  processes (0 = all cores); with one worker the function runs in this process (no pool). Workers are started with
+  ``spawn``: forking a parent that already runs thread pools (OpenCV, torch/OpenMP, MLflow) can deadlock the child
+  (seen in ``dvc repro`` inside ``cv2.setNumThreads``). A script that calls ``run_curation`` directly therefore needs
+  the usual ``if __name__ == "__main__":`` guard (console entry points and pytest have one).
+* ``ray``: the same function mapped over a Ray Dataset (``ray.data.from_items(...).map(...)``, one CPU per task).
+  ``ray.init()`` connects to the cluster named by the ``RAY_ADDRESS`` environment variable (e.g.
+  ``RAY_ADDRESS=ray://head:10001`` or ``auto`` on a cluster node), else starts a local Ray with ``curate.workers``
+  CPUs. On a cluster, ``data.source``, the output folder and the cache must be on a filesystem every node mounts at
+  the same path (the workers read the sources and write cached records and images themselves), and ``ultraflux``
+  must be importable on every node (installed there, or shipped with
+  ``ray.init(runtime_env={"py_modules": [ultraflux]})`` before calling ``run_curation``). A Ray started here is shut
+  down at the end; one the caller started is left running.
+
+Both return the records in task order, so the manifest does not depend on the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+from tqdm.auto import tqdm
+
+from .process import init_worker, process_one
+
+
+def resolve_workers(workers) -> int:
+    """``curate.workers``: a positive count, or 0/None for every core."""
+    return int(workers) if workers and int(workers) > 0 else (os.cpu_count() or 1)
+
+
+def _pool_context():
+    # Always spawn: forking a process that already runs thread pools (torch/OpenMP, OpenCV, MLflow's sqlite
+    # threads in a DVC stage) deadlocks the child, e.g. in cv2.setNumThreads (seen in `dvc repro`).
+    return get_context("spawn")
+
+
+def run_local(tasks: list[dict], workers: int, progress: bool = True) -> list[dict]:
+    bar = tqdm(total=len(tasks), desc="curate", unit="img", disable=not progress)
+    results = []
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            results.append(process_one(task))
+            bar.update()
+    else:
+        chunk = max(1, min(16, len(tasks) // (workers * 8)))
+        with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=init_worker) as pool:
+            for rec in pool.map(process_one, tasks, chunksize=chunk):
+                results.append(rec)
+                bar.update()
+    bar.close()
+    return results
+
+
+def _ray_row(row: dict) -> dict:
+    init_worker()
+    return {"index": row["index"], "record": json.dumps(process_one(json.loads(row["task"])))}
+
+
+def run_ray(tasks: list[dict], workers: int, progress: bool = True) -> list[dict]:
+    try:
+        import ray
+        import ray.data
+    except ImportError as err:
+        raise RuntimeError('curate.engine = "ray" needs Ray Data: pip install "ray[data]"') from err
+    started_here = not ray.is_initialized()
+    if started_here:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False)
+    try:
+        return _map_on_ray(tasks, workers, progress)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _map_on_ray(tasks: list[dict], workers: int, progress: bool) -> list[dict]:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    rows = [{"index": i, "task": json.dumps(task)} for i, task in enumerate(tasks)]
+    out = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), workers * 4))).map(
+        _ray_row, num_cpus=1).take_all()
+    records = [None] * len(tasks)
+    for row in out:
+        records[int(row["index"])] = json.loads(row["record"])
+    return records
+
+
+def run_engine(engine: str, tasks: list[dict], workers, progress: bool = True) -> list[dict]:
+    """Run :func:`process_one` over ``tasks`` with the named engine; records in task order."""
+    n = resolve_workers(workers)
+    if engine == "local":
+        return run_local(tasks, n, progress)
+    if engine == "ray":
+        return run_ray(tasks, n, progress)
+    raise ValueError(f"curate.engine must be 'local' or 'ray', got {engine!r}")

@@ -1,0 +1,136 @@
+"""Turning per-image statistics into keep/reject decisions, the stage-2 subset, the split and the texture rank.
+
+Every row gets exactly one ``reason`` ("" = kept): the FIRST failing check in this order
+
+1. ``unreadable: <detail>`` / ``decompression_bomb`` (decode, :mod:`ultraflux.data.decode`)
+2. ``duplicate: <source of the first copy>`` (same content hash as an earlier source in path order)
+3. ``no_caption`` / ``bad_caption: <detail>`` (:mod:`ultraflux.data.ingest`)
+4. ``too_small`` (would need more than ``curate.max_upscale`` upscaling to reach its bucket)
+5. ``flat``: more than ``curate.flat.max_fraction`` (50%) of patches have S_flat < ``curate.flat.threshold`` (800)
+6. ``low_entropy``: H < ``curate.entropy_min`` (7.0 bits)
+7. ``low_quality``: Q-Align score <= ``curate.quality.threshold`` (4.0); for a stand-in scorer, outside the top
+   ``curate.quality.standin_keep_fraction`` of the rows still in the running (a percentile, never 4.0)
+8. ``low_aesthetic``: outside the aesthetic top ``curate.aesthetic.keep_top`` (30%) of the rows still in the running
+
+(seed Sec. 2.1 for 5-8). Steps 5-8 are the multi-aspect curation; the ``baseline`` variant stops after step 4.
+"Top p of n" keeps ``ceil(p * n)`` rows (at least one), ranking by score and breaking ties by ``id``.
+
+* ``stage2`` (seed Table 3, "ArtiMuse percentile top-5%"): the aesthetic top ``curate.aesthetic.stage2_top`` of the
+  same population ranked in step 8, hence a subset of the kept rows. Baseline: a deterministic random
+  ``stage2_top`` fraction of its kept rows (Diffusion-4K has no aesthetic curriculum; a random subset of the same
+  size keeps the stage-2 schedule comparable while isolating the effect of the aesthetic selection).
+  Stage-2 rows are then taken from the "train" split only (:func:`stage2_from_train`): the same number of rows, the
+  best-ranked train rows, so a held-out image never trains stage 2 and the stage-2 subset is never empty.
+* ``split``: "holdout" when ``sha256(seed:id)`` as a fraction of 2^64 is below ``curate.holdout_fraction``, else
+  "train" (stable per image as the set grows); if no kept row falls in the holdout although the fraction is > 0
+  and at least two rows are kept, the kept row with the smallest hash is moved there, so tiny sets still have one.
+* ``texture_rank``: among kept rows, the percentile rank (in (0, 1], 1 = most textured) of ``s_flat_mean``, ties by
+  id; NaN for rejected rows. "The top 50% by flatness score" (seed Sec. 2.2, VAE training) is
+  ``texture_rank > 1 - 0.5``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def ceil_count(fraction: float, n: int) -> int:
+    """Rows in the top ``fraction`` of ``n``: ceil(fraction * n), at least 1 when fraction > 0 and n > 0."""
+    return 0 if n == 0 or fraction <= 0 else min(n, max(1, math.ceil(fraction * n - 1e-9)))
+
+
+def top_ids(frame: pd.DataFrame, column: str, fraction: float) -> set[str]:
+    """ids of the top ``fraction`` rows of ``frame`` by ``column`` (descending; NaN last; ties by id)."""
+    ordered = frame.assign(_score=frame[column].fillna(-np.inf)).sort_values(["_score", "id"],
+                                                                              ascending=[False, True])
+    return set(ordered["id"].iloc[: ceil_count(fraction, len(ordered))])
+
+
+def hash_unit(seed: int, image_id: str, salt: str = "split") -> float:
+    """A deterministic number in [0, 1) from seed and id."""
+    return int(hashlib.sha256(f"{salt}:{seed}:{image_id}".encode()).hexdigest()[:16], 16) / 2**64
+
+
+def assign_reasons(rows: pd.DataFrame, curate: dict, variant: str, quality_learned: bool) -> dict:
+    """Fill ``rows.reason`` and ``rows.stage2`` in place; returns the thresholds actually used."""
+    flat_cfg = curate.get("flat", {}) or {}
+    max_fraction = float(flat_cfg.get("max_fraction", 0.5))
+    entropy_min = float(curate.get("entropy_min", 7.0))
+    qcfg = curate.get("quality", {}) or {}
+    acfg = curate.get("aesthetic", {}) or {}
+    used: dict = {}
+
+    error = rows["error"].fillna("").astype(str)
+    reason = error.where(error != "too_small", "")
+    first_copy = rows.groupby("id")["source"].transform("first")
+    dup = (reason == "") & (rows["source"] != first_copy)
+    reason[dup] = "duplicate: " + first_copy[dup]
+    reason[(reason == "") & (rows["caption_error"] != "")] = rows["caption_error"]
+    reason[(reason == "") & (error == "too_small")] = "too_small"
+    if variant != "baseline":
+        reason[(reason == "") & (rows["s_flat_fraction"] > max_fraction)] = "flat"
+        reason[(reason == "") & (rows["entropy"] < entropy_min)] = "low_entropy"
+
+        alive = rows[reason == ""]
+        if quality_learned:
+            threshold = float(qcfg.get("threshold", 4.0))
+            bad = alive["id"][~(alive["quality"] > threshold)]
+        else:
+            keep = top_ids(alive, "quality", float(qcfg.get("standin_keep_fraction", 0.9)))
+            bad = alive["id"][~alive["id"].isin(keep)]
+            threshold = float(alive.loc[alive["id"].isin(keep), "quality"].min()) if keep else float("nan")
+        used["quality_threshold"] = threshold
+        reason[(reason == "") & rows["id"].isin(set(bad))] = "low_quality"
+
+        alive = rows[reason == ""]
+        keep = top_ids(alive, "aesthetic", float(acfg.get("keep_top", 0.30)))
+        stage2 = top_ids(alive, "aesthetic", float(acfg.get("stage2_top", 0.05)))
+        used["aesthetic_threshold"] = (float(alive.loc[alive["id"].isin(keep), "aesthetic"].min())
+                                       if keep else float("nan"))
+        reason[(reason == "") & ~rows["id"].isin(keep)] = "low_aesthetic"
+        rows["reason"] = reason
+        rows["stage2"] = (reason == "") & rows["id"].isin(stage2)
+    else:
+        rows["reason"] = reason
+        kept = rows[reason == ""]
+        order = sorted(kept["id"], key=lambda i: hash_unit(0, i, "stage2"))
+        chosen = set(order[: ceil_count(float(acfg.get("stage2_top", 0.05)), len(order))])
+        rows["stage2"] = (reason == "") & rows["id"].isin(chosen)
+    rows["kept"] = rows["reason"] == ""
+    return used
+
+
+def assign_split(rows: pd.DataFrame, seed: int, holdout_fraction: float) -> None:
+    """Fill ``rows.split`` in place (see module docstring)."""
+    units = rows["id"].map(lambda i: hash_unit(seed, i))
+    split = np.where(units < holdout_fraction, "holdout", "train")
+    kept = rows["kept"].to_numpy()
+    if holdout_fraction > 0 and kept.sum() >= 2 and not (split[kept] == "holdout").any():
+        idx = units[kept].idxmin()
+        split[rows.index.get_loc(idx)] = "holdout"
+    rows["split"] = split
+
+
+def stage2_from_train(rows: pd.DataFrame, variant: str) -> None:
+    """Move the stage-2 selection onto train rows, keeping its size (see module docstring); in place."""
+    count = int(rows["stage2"].sum())
+    train = rows[rows["kept"] & (rows["split"] == "train")]
+    if variant == "baseline":
+        order = sorted(train["id"], key=lambda i: hash_unit(0, i, "stage2"))
+    else:
+        order = list(train.assign(_s=train["aesthetic"].fillna(-np.inf))
+                     .sort_values(["_s", "id"], ascending=[False, True])["id"])
+    rows["stage2"] = rows["kept"] & (rows["split"] == "train") & rows["id"].isin(set(order[:count]))
+
+
+def assign_texture_rank(rows: pd.DataFrame) -> None:
+    """Fill ``rows.texture_rank`` in place (see module docstring)."""
+    rank = pd.Series(np.nan, index=rows.index, dtype=float)
+    kept = rows[rows["kept"]].sort_values("id")
+    if len(kept):
+        rank.loc[kept.index] = kept["s_flat_mean"].rank(method="first", pct=True)
+    rows["texture_rank"] = rank

@@ -1,0 +1,266 @@
+"""Shared plumbing for the LLM-backed evaluation tools (Gemini judge, GPT-4o refiner).
+
+* one retry loop for transport failures (429 / 408 / 5xx / timeouts / connection errors) *and* malformed or
+  off-schema answers, with bounded exponential back-off and jitter (the SDKs' own retries are switched off so
+  there is exactly one budget and every attempt's failure is recorded);
+* an on-disk answer cache (one JSON file per key, written atomically);
+* secret redaction for every error string that is recorded or logged.
+
+Nothing here ever logs, prints or stores an API key: error messages are passed through :func:`redact` before
+they leave this module, and keys are only ever handed to the SDK client constructors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+# HTTP status codes worth retrying: request timeout, lock timeout, rate limit, server errors.
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class InvalidAnswer(ValueError):
+    """The service answered, but the answer is malformed / off-schema / a refusal: retry, then record as invalid."""
+
+
+# ----------------------------------------------------------------------------------------------------------- secrets
+def redact(text: Any, secrets: Iterable[str | None]) -> str:
+    """``str(text)`` with every (non-trivial) secret replaced by ``***``."""
+    s = str(text)
+    for sec in secrets:
+        if sec and len(sec) >= 4:
+            s = s.replace(sec, "***")
+    return s
+
+
+def env_key(*names: str) -> str | None:
+    """The first non-empty environment variable among ``names`` (stripped), or None."""
+    for n in names:
+        v = os.environ.get(n, "").strip()
+        if v:
+            return v
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------ retry
+@dataclass
+class RetryPolicy:
+    """``max_retries`` retries after the first attempt (so ``max_retries + 1`` attempts in all).
+
+    Delay before retry ``k`` (0-based) = ``min(max_s, base_s * 2**k)`` scaled by a uniform factor in
+    ``[1 - jitter, 1]``; a server ``Retry-After`` raises it (never above ``max_s``).
+    """
+
+    max_retries: int = 3
+    base_s: float = 1.0
+    max_s: float = 30.0
+    jitter: float = 0.5
+
+    @classmethod
+    def from_cfg(cls, cfg: dict, default_retries: int = 3) -> "RetryPolicy":
+        return cls(
+            max_retries=max(0, int(cfg.get("max_retries", default_retries))),
+            base_s=float(cfg.get("backoff_base_s", 1.0)),
+            max_s=float(cfg.get("backoff_max_s", 30.0)),
+            jitter=min(1.0, max(0.0, float(cfg.get("backoff_jitter", 0.5)))),
+        )
+
+    def delay(self, retry_index: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
+        r = (rng or random).random()
+        d = min(self.max_s, self.base_s * (2.0 ** retry_index)) * (1.0 - self.jitter * r)
+        if retry_after is not None and retry_after > d:
+            d = min(self.max_s, retry_after)
+        return max(0.0, d)
+
+
+@dataclass
+class Failure:
+    """Classification of one failed attempt."""
+
+    kind: str  # "transport" | "invalid" | "fatal"
+    message: str  # already redacted
+    status: int | None = None
+    retry_after: float | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in ("transport", "invalid")
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        v = headers.get("retry-after") if headers is not None else None
+        return float(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def classify(exc: BaseException, secrets: Iterable[str | None] = ()) -> Failure:
+    """Map an exception raised by the google-genai / openai SDKs (or our validators) to a :class:`Failure`."""
+    secrets = list(secrets)
+    msg = redact(f"{type(exc).__name__}: {exc}", secrets)
+    if len(msg) > 2000:
+        msg = msg[:2000] + "...[truncated]"
+    if isinstance(exc, InvalidAnswer):
+        return Failure("invalid", msg)
+    # google-genai: errors.APIError(code, response_json, response)
+    try:
+        from google.genai import errors as genai_errors
+
+        if isinstance(exc, genai_errors.APIError):
+            code = int(exc.code) if exc.code is not None else None
+            headers = getattr(getattr(exc, "response", None), "headers", None)
+            kind = "transport" if (code in RETRYABLE_STATUS or code is None) else "fatal"
+            return Failure(kind, msg, code, _retry_after(headers))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import openai
+
+        if isinstance(exc, openai.APIStatusError):
+            code = exc.status_code
+            kind = "transport" if code in RETRYABLE_STATUS else "fatal"
+            return Failure(kind, msg, code, _retry_after(exc.response.headers))
+        if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+            return Failure("transport", msg)
+        if isinstance(exc, (openai.LengthFinishReasonError, openai.ContentFilterFinishReasonError)):
+            return Failure("invalid", msg)
+    except ImportError:  # pragma: no cover
+        pass
+    # raw transport errors (httpx2 / httpx / stdlib) that the SDK did not wrap
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & {"TimeoutException", "ConnectError", "ReadError", "RemoteProtocolError", "NetworkError",
+                "TransportError", "TimeoutError", "ConnectionError"}:
+        return Failure("transport", msg)
+    return Failure("fatal", msg)
+
+
+@dataclass
+class Outcome:
+    status: str  # "ok" | "invalid" | "error"
+    value: Any = None
+    attempts: int = 0
+    errors: list[dict] = field(default_factory=list)
+    fatal: bool = False
+
+    def as_record(self) -> dict:
+        return {"status": self.status, "attempts": self.attempts, "errors": self.errors}
+
+
+def call_with_retries(
+    call: Callable[[], Any],
+    validate: Callable[[Any], Any],
+    policy: RetryPolicy,
+    secrets: Iterable[str | None] = (),
+    what: str = "request",
+    sleep: Callable[[float], None] = time.sleep,
+    should_stop: Callable[[], bool] | None = None,
+) -> Outcome:
+    """Run ``validate(call())`` until it succeeds or the retry budget is spent.
+
+    Returns an :class:`Outcome` whose status is ``ok`` (value = validated answer), ``invalid`` (the last failure was
+    a malformed / off-schema / refused answer) or ``error`` (transport or fatal API failure). Nothing is invented.
+    """
+    secrets = list(secrets)
+    errors: list[dict] = []
+    last: Failure | None = None
+    n_attempts = policy.max_retries + 1
+    for i in range(n_attempts):
+        if should_stop is not None and should_stop():
+            errors.append({"attempt": i + 1, "kind": "fatal", "status": None, "error": "aborted (an earlier fatal error)"})
+            return Outcome("error", None, i, errors, fatal=True)
+        try:
+            return Outcome("ok", validate(call()), i + 1, errors)
+        except Exception as exc:  # noqa: BLE001 - classified below, never swallowed silently
+            last = classify(exc, secrets)
+        errors.append({"attempt": i + 1, "kind": last.kind, "status": last.status, "error": last.message})
+        if not last.retryable:
+            log.warning("%s failed (not retryable): %s", what, last.message)
+            return Outcome("error", None, i + 1, errors, fatal=True)
+        if i + 1 < n_attempts:
+            d = policy.delay(i, last.retry_after)
+            log.info("%s attempt %d/%d failed (%s); retrying in %.2fs", what, i + 1, n_attempts, last.message, d)
+            sleep(d)
+    assert last is not None
+    log.warning("%s failed after %d attempts: %s", what, n_attempts, last.message)
+    return Outcome("invalid" if last.kind == "invalid" else "error", None, n_attempts, errors)
+
+
+# ------------------------------------------------------------------------------------------------------------ files
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+class DiskCache:
+    """One JSON file per key: ``<dir>/<h[:2]>/<h>.json`` holding ``{"key": key, "value": value}``.
+
+    Only validated answers are stored (failures are never cached, so a re-run retries them). A corrupt or
+    mismatching entry is treated as a miss.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.dir = Path(directory) if directory is not None else None
+
+    def _path(self, key: dict) -> Path:
+        h = key_digest(key)
+        assert self.dir is not None
+        return self.dir / h[:2] / f"{h}.json"
+
+    def get(self, key: dict) -> Any | None:
+        if self.dir is None:
+            return None
+        p = self._path(key)
+        try:
+            entry = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or entry.get("key") != json.loads(json.dumps(key)):
+            return None
+        return entry.get("value")
+
+    def put(self, key: dict, value: Any) -> None:
+        if self.dir is None:
+            return
+        atomic_write_text(self._path(key), json.dumps({"key": key, "value": value}, sort_keys=True, ensure_ascii=False))
+
+
+def default_cache_root() -> Path:
+    """``$ULTRAFLUX_CACHE_DIR`` or ``~/.cache/ultraflux``."""
+    env = os.environ.get("ULTRAFLUX_CACHE_DIR", "").strip()
+    return Path(env) if env else Path.home() / ".cache" / "ultraflux"

@@ -1,0 +1,3 @@
+from ultraflux.pipelines.pipeline_ultraflux import UltraFluxPipeline, load_pipeline
+
+__all__ = ["UltraFluxPipeline", "load_pipeline"]

@@ -1,0 +1,45 @@
+"""Flow matching for Flux: noising, the per-stage timestep range, latent packing.
+
+Rectified flow (Flux): x_t = (1 - sigma) * x0 + sigma * noise, target velocity v = noise - x0.
+Timesteps are *indices into the scheduler's descending table*: ``FlowMatchEulerDiscreteScheduler`` with 1000 train
+steps lists t = 1000, 999, ..., 1 (index 0 is sigma = 1, pure noise), then applies the static shift
+sigma' = s * sigma / (1 + (s - 1) * sigma). So stage 2's range 0-459 (seed Table 3) is the high-noise end, unshifted
+sigma in [0.541, 1.0]. ``timestep_reading: sigma_ascending`` is the other reading (index = 1000 * sigma).
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import FluxPipeline
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def sigma_table(shift: float, reading: str = "scheduler_index") -> torch.Tensor:
+    """sigma for each timestep index 0..999 (float64)."""
+    t = torch.arange(NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    sigma = (NUM_TRAIN_TIMESTEPS - t) / NUM_TRAIN_TIMESTEPS if reading == "scheduler_index" else (t + 1) / NUM_TRAIN_TIMESTEPS
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_sigmas(batch: int, t_min: int, t_max: int, shift: float, generator: torch.Generator,
+                  reading: str = "scheduler_index") -> torch.Tensor:
+    """Uniform timestep indices in [t_min, t_max] mapped through the shifted table."""
+    idx = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
+    return sigma_table(shift, reading)[idx].float()
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``pack`` for latents of spatial size h x w."""
+    b, n, c4 = packed.shape
+    x = packed.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Flux position ids for a packed h x w latent: (0, row, col) per token."""
+    return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
