@@ -285,9 +285,9 @@ def summarize(manifest: pd.DataFrame, used: dict, cfg: dict, curate: dict) -> di
 
 def _load_params(path: Path = Path("params.yaml")) -> dict:
     if path.is_file():
-        import yaml
+        from ultraflux.config import parse_yaml
 
-        return yaml.safe_load(path.read_text()) or {}
+        return parse_yaml(path.read_text()) or {}
     return {}
 
 

@@ -1,4 +1,4 @@
-"""Helpers that build odd and broken inputs for the tests/test_data_*.py files."""
+"""Helpers (no tests) that build odd and broken inputs for the other tests/test_data_*.py files."""
 
 from __future__ import annotations
 
