@@ -27,6 +27,20 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _kv(d: dict) -> str:
+    """A one-record dict as a two-column table (wide records stay readable)."""
+    return _table([{"metric": k, "value": v} for k, v in d.items() if not isinstance(v, dict)])
+
+
+def _split_learned(row: dict) -> dict:
+    """Collapse the 'not computed (no weights at ...)' entries of a metrics row into one column."""
+    missing = [k for k, v in row.items() if isinstance(v, str) and v.startswith("not computed")]
+    out = {k: v for k, v in row.items() if k not in missing}
+    if missing:
+        out["not computed (no local weights)"] = ", ".join(missing)
+    return out
+
+
 def _load(metrics_dir: Path, stage: str) -> dict:
     p = metrics_dir / f"{stage}.json"
     return json.loads(p.read_text()) if p.exists() else {}
@@ -44,31 +58,31 @@ def write_report(params: dict, metrics_dir: Path, outputs: Path, out_path: Path,
              f" &middot; rope.kind <b>{params['rope']['kind']}</b> &middot; seed {params['seed']}</p>"]
 
     parts.append("<h2>Curation (seed Sec. 2.1)</h2>")
-    parts.append(_table([{k: v for k, v in m["curate"].items()}]))
+    parts.append(_kv(m["curate"]))
     for png in sorted((outputs / "curated" / "plots").glob("*.png")):
         parts.append(_img(png, 420))
 
     vae = m["evaluate"].get("vae", {})
     parts.append("<h2>VAE reconstruction (seed Table 2 columns)</h2>")
-    parts.append(_table([{"model": "this run's F16 VAE", **vae}]))
+    parts.append(_table([_split_learned({"model": "this run's F16 VAE", **vae})]))
     parts.append("<p>Paper (Aesthetic-4K@4096): UltraFlux-F16-VAE rFID 0.547, NMSE 0.00657, PSNR 30.70, SSIM 0.852, "
                  "LPIPS 0.102.</p>")
 
     parts.append("<h2>Generation per aspect ratio (seed Table 5 columns + Diffusion-4K detail metrics)</h2>")
     gen = m["evaluate"].get("generation", {})
-    parts.append(_table([{"aspect": a.replace("x", ":"), **v} for a, v in gen.items()]))
+    parts.append(_table([_split_learned({"aspect": a.replace("x", ":"), **v}) for a, v in gen.items()]))
 
     parts.append("<h2>Samples (stage 2 model; seed/prompt fixed)</h2>")
     for grid in sorted((outputs / "samples" / "dit_stage2").glob("grid_*.png")):
         parts.append(f"<h3>{grid.stem[5:].replace('x', ':')}</h3>" + _img(grid, 900))
 
     parts.append("<h2>Diagnostics (seed Figs. 1-3)</h2>")
-    parts.append(_table([m["diagnostics"]]) if m["diagnostics"] else "<p><em>not run</em></p>")
+    parts.append(_kv(m["diagnostics"]) if m["diagnostics"] else "<p><em>not run</em></p>")
     for png in sorted((outputs / "diagnostics").glob("*.png")):
         parts.append(_img(png, 560))
 
     parts.append("<h2>Gemini pairwise preference (seed Sec. 11): stage 2 (A) vs stage 1 (B)</h2>")
-    parts.append(_table([m["judge"]]) if m["judge"] else "<p><em>not run</em></p>")
+    parts.append(_kv(m["judge"]) if m["judge"] else "<p><em>not run</em></p>")
 
     parts.append("<h2>Training</h2>")
     parts.append(_table([{"stage": s, **{k: v for k, v in m[s].items() if not isinstance(v, dict)}}
