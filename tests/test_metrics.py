@@ -35,3 +35,25 @@ def test_learned_metrics_are_reported_not_invented(params):
     for key, param in (("fid", "fid_inception_weights"), ("hpsv3", "hpsv3_weights"),
                        ("artimuse", "artimuse_weights"), ("qalign", "qalign_weights")):
         assert out[key] == f"not computed (no weights at evaluate.{param})"
+
+
+def test_frechet_distance_properties():
+    from ultraflux.evaluation.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 4))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-4)
+    shifted = a + np.array([3.0, 0, 0, 0])
+    assert frechet_distance(a, shifted) == pytest.approx(9.0, rel=1e-3)  # mean term only: |mu_a - mu_b|^2
+    wider = a * 2
+    # Tr(S + 4S - 2*2S) = Tr(S) ~= 4 for unit variance in 4 dims.
+    assert frechet_distance(a, wider) == pytest.approx(np.trace(np.cov(a, rowvar=False)), rel=1e-2)
+
+
+def test_standins_are_named_and_fd_needs_real(params):
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    no_ref = generation_metrics(imgs, params)
+    assert "standin_fd_thumb8" not in no_ref and no_ref["standin_sharpness"] > 0
+    with_ref = generation_metrics(imgs, params, real=[Image.new("RGB", (64, 64), (200, 10, 10))] * 2)
+    assert with_ref["standin_fd_thumb8"] > 0.1

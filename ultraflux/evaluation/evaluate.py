@@ -28,10 +28,13 @@ def vae_table(params: dict, curated_dir: Path, vae_dir: Path) -> dict:
 
 
 def evaluate_run(params: dict, curated_dir: Path, vae_dir: Path, samples_dir: Path) -> dict:
+    """Generation metrics per aspect ratio of the stage-2 samples; the real reference set is the kept curated images."""
+    manifest = pd.read_parquet(curated_dir / "manifest.parquet")
+    real = [Image.open(curated_dir / p).convert("RGB") for p in manifest.loc[manifest["kept"], "image"]]
     out: dict = {"vae": vae_table(params, curated_dir, vae_dir), "generation": {}}
     for aspect in params["sample"]["aspects"]:
         folder = samples_dir / "dit_stage2" / aspect.replace(":", "x")
         images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
         if images:
-            out["generation"][aspect.replace(":", "x")] = generation_metrics(images, params)
+            out["generation"][aspect.replace(":", "x")] = generation_metrics(images, params, real)
     return out

@@ -9,6 +9,14 @@ metrics so results compare with that line of work:
 * Compression ratio: raw RGB bytes (H * W * 3) / bytes of the image encoded as JPEG at quality 95.
 Learned metrics (FID, rFID, LPIPS, HPSv3, ArtiMuse, Q-Align) need checkpoints that cannot be downloaded here; without
 their local paths they are reported as ``not computed (no weights at <param>)`` and never replaced by a number.
+FID with ``evaluate.fid_inception_weights`` set uses torchmetrics' FrechetInceptionDistance on that local file (needs
+the ``vision`` extra: torch-fidelity + torchvision).
+
+Clearly named weight-free stand-ins are reported *beside* them (keys start with ``standin_``), so variants can still
+be compared on the embedded profile; they are not the paper's metrics:
+* ``standin_fd_thumb8``: Frechet distance between Gaussian fits of 8x8 RGB thumbnails (192-d, INTER_AREA) of the
+  generated images and of the curated (real) images. FID's formula on a pixel feature, not Inception features.
+* ``standin_sharpness`` / ``standin_colorfulness``: the curation stand-ins (Laplacian variance, Hasler-Suesstrunk).
 """
 from __future__ import annotations
 
@@ -56,15 +64,62 @@ def compression_ratio(image: Image.Image, quality: int = JPEG_QUALITY) -> float:
     return rgb.width * rgb.height * 3 / buf.tell()
 
 
-def generation_metrics(images: list[Image.Image], params: dict) -> dict:
-    """Per-set generation metrics (seed Table 5 columns + Diffusion-4K detail metrics)."""
+def thumb_features(images: list[Image.Image], side: int = 8) -> np.ndarray:
+    import cv2
+
+    return np.stack([cv2.resize(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, (side, side),
+                                interpolation=cv2.INTER_AREA).ravel() for im in images]).astype(np.float64)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussian fits to the rows of a and b (FID's formula)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a = np.cov(a, rowvar=False) if len(a) > 1 else np.zeros((a.shape[1],) * 2)
+    s_b = np.cov(b, rowvar=False) if len(b) > 1 else np.zeros((b.shape[1],) * 2)
+    offset = np.eye(a.shape[1]) * eps
+    covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset)).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
+
+
+def fid(real: list[Image.Image], fake: list[Image.Image], weights_path: str) -> float | str:
+    """torchmetrics FID with a local Inception weights file; a clear string when the extra is not installed."""
+    try:
+        import torch
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as e:  # pragma: no cover - depends on the optional extra
+        return f"not computed ({e}; install the vision extra)"
+    try:
+        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights_path)
+    except (ModuleNotFoundError, ImportError) as e:
+        return f"not computed (FID backend unavailable: {e}; install the vision extra)"
+    for imgs, real_flag in ((real, True), (fake, False)):
+        for im in imgs:
+            t = torch.from_numpy(np.asarray(im.convert("RGB").resize((299, 299), Image.BICUBIC))).permute(2, 0, 1)
+            metric.update(t[None], real=real_flag)
+    return float(metric.compute())
+
+
+def generation_metrics(images: list[Image.Image], params: dict, real: list[Image.Image] | None = None) -> dict:
+    """Per-set generation metrics (seed Table 5 columns + Diffusion-4K detail metrics + named stand-ins)."""
+    from ultraflux.data.scorers import hasler_colorfulness, laplacian_sharpness
+
+    arrays = [np.asarray(im.convert("RGB")) for im in images]
     out: dict = {"num_images": len(images),
                  "glcm_score": float(np.mean([glcm_score(im) for im in images])),
-                 "compression_ratio": float(np.mean([compression_ratio(im) for im in images]))}
+                 "compression_ratio": float(np.mean([compression_ratio(im) for im in images])),
+                 "standin_sharpness": float(np.mean([laplacian_sharpness(a) for a in arrays])),
+                 "standin_colorfulness": float(np.mean([hasler_colorfulness(a) for a in arrays]))}
+    if real:
+        out["standin_fd_thumb8"] = frechet_distance(thumb_features(images), thumb_features(real))
     for metric in ("fid", "hpsv3", "artimuse", "qalign"):
         section, key = LEARNED_METRICS[metric].split(".")
-        if not params.get(section, {}).get(key):
+        weights = params.get(section, {}).get(key)
+        if not weights:
             out[metric] = not_computed(metric)
-        else:  # a configured path: the scorer itself is not wired in this build; say so rather than guess
-            out[metric] = f"not computed (scorer for {metric} not implemented yet; weights given)"
+        elif metric == "fid" and real:
+            out[metric] = fid(real, images, weights)
+        else:  # weights given but this scorer has no backend in this build: say so rather than guess
+            out[metric] = f"not computed (no {metric} backend in this build; weights at {LEARNED_METRICS[metric]})"
     return out
