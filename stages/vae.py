@@ -9,7 +9,7 @@ OUT = Path("outputs/vae")
 def main(params, logger):
     from ultraflux.training.vae import train_vae
 
-    return train_vae(params, Path("outputs/curated"), OUT, logger=logger)
+    return train_vae(params, Path("outputs/curated"), OUT, logger=logger, ckpt_dir=Path("checkpoints/vae"))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ editing a DiT key re-runs only the DiT stages and what follows them.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,10 @@ def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str =
     except ParamsError as e:
         print(f"[{stage}] {e}", file=sys.stderr)
         raise SystemExit(2)
+    if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: only rank 0 tracks and writes results
+        from ultraflux.tracking import NullLogger
+
+        return fn(params, NullLogger()) or {}
     t0 = time.time()
     with stage_run(stage, params, stage_params(params, stage)) as logger:
         metrics = fn(params, logger) or {}

@@ -86,12 +86,13 @@ def peak_memory() -> dict[str, float]:
 
 def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_dir: Path, ckpt_dir: Path,
               cache_dir: Path, init_transformer: Path | None = None, logger=None, progress: bool = True,
-              on_batch=None) -> dict:
+              on_batch=None, on_end=None) -> dict:
     """Train one stage; writes ``out_dir/transformer`` (diffusers format) and ``out_dir/loss.csv``.
 
     Resumes from the newest checkpoint in ``ckpt_dir`` whose fingerprint matches (see ``training/checkpoint.py``);
     the resumed run ends with the same weights as an uninterrupted one. ``on_batch(step, micro, rank, indices)``
-    is called for every micro-batch (tests record each rank's shard with it).
+    is called for every micro-batch and ``on_end(rank, model)`` on every rank with the trained (unwrapped) model;
+    tests record each rank's shard and weights with them.
     """
     from ultraflux.models.text import build_text_encoders
     from ultraflux.models.transformer import build_transformer, load_transformer
@@ -184,8 +185,11 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / grad_accum
         step += 1
-        # the step's loss: mean over its grad_accum micro-batches and over processes = mean over the global batch
-        loss_value = accelerator.reduce(loss_sum / grad_accum, "mean").item()
+        # the step's loss and loss terms: mean over its grad_accum micro-batches and over processes (= the global batch)
+        names = sorted(logs_acc)
+        reduced = accelerator.reduce(torch.tensor([float(loss_sum) / grad_accum] + [logs_acc[k] for k in names],
+                                                  device=device, dtype=torch.float64), "mean").tolist()
+        loss_value, logs_acc = reduced[0], dict(zip(names, reduced[1:]))
         dt = time.perf_counter() - t0
         record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                   "samples_per_s": batch_size * grad_accum * accelerator.num_processes / dt, "step_time_s": dt,
@@ -200,6 +204,8 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     bar.close()
 
     accelerator.wait_for_everyone()
+    if on_end is not None:
+        on_end(accelerator.process_index, accelerator.unwrap_model(transformer))
     state_dict = accelerator.get_state_dict(transformer)   # collective under ZeRO-3; plain gather otherwise
     if accelerator.is_main_process:
         from ultraflux.io import atomic_path

@@ -5,12 +5,23 @@ of curated training images by texture score. AdamW, Table 3: lr 1e-4, weight dec
 1e-5; Table 3 is the more specific "final configuration" table, so it wins; set ``vae_train.lr`` to use the other).
 
 Loss = lambda_L2 * MSE(D(z), x) + lambda_perc * perceptual(D(z), x) + lambda_vae * MSE(D(z), D0(z))      (1, 0.1, 0.2)
-* perceptual: LPIPS when local backbone weights are given (``vae_train.lpips_weights``); otherwise the clearly named
-  weight-free stand-in ``standin:1-ssim`` (1 - SSIM, differentiable). Never under ``no_grad``.
+       [+ lambda_adv * hinge-GAN generator term, only with ``vae_train.adversarial: true``]
+* perceptual: LPIPS (VGG) when ``vae_train.lpips_weights`` names a local directory with its weights (needs the
+  ``lpips`` package and torchvision: ``pip install -e .[vision]`` on a machine with a matching torch); otherwise the
+  clearly named weight-free stand-in ``standin:1-ssim`` (1 - SSIM, differentiable). It is a training loss, so it is
+  never computed under ``no_grad`` (the LPIPS network is frozen, the gradient flows through it into the decoder).
 * the lambda_vae term: the main paper calls the post-training non-adversarial; the closest public recipe (Diffusion-4K's
   decoder-only SC-VAE) adds a consistency term against the original decoder, so lambda_vae weights the distance to the
   frozen initial decoder D0 on the same latents, keeping the post-trained decoder in the latent space the DiT learns.
-  An adversarial PatchGAN term is not part of the default (``vae_train.adversarial: false``).
+* adversarial (option, default off; ``vae_train.adversarial``, ``lambda_adv`` 0.05, ``adv_start`` step): a PatchGAN
+  discriminator (pix2pix N-layer, as in the LDM/SD VAE recipes) with hinge losses. Its step scores ``recon.detach()``
+  (the discriminator loss never reaches the decoder); the generator term is computed with the discriminator's
+  parameters frozen (it never reaches the discriminator).
+
+Checkpoints (``ckpt_dir``): every ``checkpoint_every`` steps (default 100) the decoder, discriminator, both optimizers,
+the crop/posterior generator, the global RNGs and the loss history are saved (``training/checkpoint.py`` layout); a
+re-run resumes and ends with the same weights as an uninterrupted run. Held-out PSNR / SSIM / NMSE every
+``eval_every`` steps (seed Table 2 columns that need no learned weights).
 """
 from __future__ import annotations
 
@@ -21,13 +32,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
-from ultraflux.io import atomic_path
+from ultraflux.io import atomic_path, sha256_file, sha256_json
 from ultraflux.training.cache import load_image_tensor
+from ultraflux.training.checkpoint import PlainCheckpointer, rng_state, set_rng_state
 
 PERCEPTUAL_STANDIN = "standin:1-ssim (no LPIPS weights)"
+LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"   # torchvision's ImageNet VGG16 (the LPIPS backbone)
+LPIPS_HEADS_FILE = "vgg.pth"                 # the LPIPS v0.1 linear heads (shipped in the lpips package)
 
 
 def select_vae_rows(manifest: pd.DataFrame, top_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -73,19 +88,93 @@ def reconstruction_metrics(vae, images: list[torch.Tensor]) -> dict[str, float]:
     return {"psnr": sum(psnr) / n, "ssim": sum(ssim) / n, "nmse": sum(nmse) / n}
 
 
+# --------------------------------------------------------------------------------------------- perceptual term
+def load_lpips(weights_dir: str | Path) -> nn.Module:
+    """Frozen LPIPS(VGG) from local files only: ``<dir>/vgg16-397923af.pth`` (backbone) and ``<dir>/vgg.pth`` (heads,
+    optional: the lpips package ships them). Raises a RuntimeError that says what is missing; never downloads."""
+    weights_dir = Path(weights_dir)
+    backbone = weights_dir / LPIPS_BACKBONE_FILE
+    if not backbone.is_file():
+        raise RuntimeError(f"vae_train.lpips_weights={weights_dir}: no {LPIPS_BACKBONE_FILE} there (torchvision's "
+                           f"ImageNet VGG16 weights); set lpips_weights: \"\" to use the {PERCEPTUAL_STANDIN} stand-in")
+    try:
+        import lpips
+    except ImportError as e:   # lpips imports torchvision; PyPI's torchvision breaks beside the CPU torch wheel
+        raise RuntimeError("vae_train.lpips_weights is set but the `lpips` package (and torchvision) cannot be "
+                           f"imported ({e}); install the `vision` extra (pip install -e .[vision]) with a torchvision "
+                           "matching this torch, or set lpips_weights: \"\" for the stand-in") from e
+    heads = weights_dir / LPIPS_HEADS_FILE
+    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, model_path=str(heads) if heads.is_file() else None,
+                        verbose=False)
+    # LPIPS' VGG is torchvision's ``vgg16().features`` cut into slices that keep the layer indices as names.
+    src = torch.load(backbone, map_location="cpu", weights_only=True)
+    dst = model.net.state_dict()
+    mapped = {}
+    for key in dst:                                   # "slice2.5.weight" <- "features.5.weight"
+        _, idx, param = key.split(".")
+        mapped[key] = src[f"features.{idx}.{param}"]
+    model.net.load_state_dict(mapped, strict=True)
+    return model.requires_grad_(False).eval()
+
+
 def perceptual_loss(recon: torch.Tensor, target: torch.Tensor, lpips_model=None) -> torch.Tensor:
+    """Differentiable in ``recon``: a training loss (no ``no_grad``; LPIPS weights frozen, not its input)."""
     if lpips_model is not None:
         return lpips_model(recon, target).mean()
     return 1 - structural_similarity_index_measure((recon.clamp(-1, 1) + 1) / 2, (target + 1) / 2, data_range=1.0)
 
 
-def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progress: bool = True) -> dict:
-    """Post-train the decoder; writes ``out_dir/vae`` (diffusers format) and ``out_dir/loss.csv``."""
+# --------------------------------------------------------------------------------------------- adversarial term
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix ``NLayerDiscriminator``): a map of real/fake logits, one per receptive-field patch."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        ch = width
+        for i in range(1, n_layers + 1):
+            out = width * min(2 ** i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), nn.GroupNorm(_groups(out), out),
+                       nn.LeakyReLU(0.2, True)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _groups(c: int) -> int:
+    return next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0)
+
+
+def discriminator_loss(disc: nn.Module, real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator step. Scores ``recon.detach()``: nothing flows back into the decoder."""
+    return 0.5 * (F.relu(1 - disc(real)).mean() + F.relu(1 + disc(recon.detach())).mean())
+
+
+def generator_adv_loss(disc: nn.Module, recon: torch.Tensor) -> torch.Tensor:
+    """Generator hinge term -D(recon). Call with the discriminator frozen (``requires_grad_(False)``)."""
+    return -disc(recon).mean()
+
+
+# --------------------------------------------------------------------------------------------- training
+def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progress: bool = True,
+              ckpt_dir: Path | None = None) -> dict:
+    """Post-train the decoder; writes ``out_dir/vae`` (diffusers format) and ``out_dir/loss.csv``.
+
+    With ``ckpt_dir`` the run checkpoints every ``vae_train.checkpoint_every`` steps and resumes from there.
+    """
     from ultraflux.models.vae import build_vae
 
     cfg, seed = params["vae_train"], params["seed"]
+    adversarial = bool(cfg.get("adversarial", False))
+    lam_adv, adv_start = float(cfg.get("lambda_adv", 0.05)), int(cfg.get("adv_start", 0))
+    lpips_weights = cfg.get("lpips_weights", "") or ""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    curated_dir, out_dir = Path(curated_dir), Path(out_dir)
     manifest = pd.read_parquet(curated_dir / "manifest.parquet")
     train_rows, holdout_rows = select_vae_rows(manifest, cfg["flat_top_fraction"])
     if not train_rows:
@@ -102,43 +191,103 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     trainable = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     lam_l2, lam_perc, lam_vae = cfg["lambda_l2"], cfg["lambda_perc"], cfg["lambda_vae"]
+    lpips_model = load_lpips(lpips_weights) if lpips_weights else None
+    perceptual_name = f"lpips:vgg ({lpips_weights})" if lpips_model is not None else PERCEPTUAL_STANDIN
+    disc = opt_d = None
+    if adversarial:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            disc = PatchDiscriminator()
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.9), weight_decay=cfg["weight_decay"])
     if logger is not None:
-        logger.set_tags({"vae.perceptual": PERCEPTUAL_STANDIN})
+        logger.set_tags({"vae.perceptual": perceptual_name, "vae.adversarial": str(adversarial)})
 
-    history = []
-    before = reconstruction_metrics(vae.eval(), holdout) if holdout else {}
-    bar = tqdm(range(1, cfg["steps"] + 1), desc="vae", disable=not progress)
-    for step in bar:
+    ckpt, step, history, before = None, 0, [], None
+    if ckpt_dir is not None:
+        fingerprint = sha256_json({"vae_train": cfg, "model": params["model"], "seed": seed,
+                                   "manifest": sha256_file(curated_dir / "manifest.parquet")})
+        ckpt = PlainCheckpointer(ckpt_dir, fingerprint, cfg.get("keep_checkpoints", 2))
+        if (latest := ckpt.latest()) is not None:
+            state = ckpt.load(latest)
+            vae.load_state_dict(state["vae"])
+            optimizer.load_state_dict(state["optimizer"])
+            if disc is not None:
+                disc.load_state_dict(state["disc"])
+                opt_d.load_state_dict(state["opt_d"])
+            gen.set_state(state["generator"])
+            set_rng_state(state["rng"])
+            step, history, before = state["step"], state["history"], state.get("before")
+            print(f"vae: resumed from {latest} at step {step}")
+    every = int(cfg.get("checkpoint_every", 100))
+
+    if before is None:   # metrics of the initial decoder (a resumed run takes them from its checkpoint)
+        before = reconstruction_metrics(vae.eval(), holdout) if holdout else {}
+    if logger is not None and before and step == 0:
+        logger.log_metrics({f"holdout_{k}": v for k, v in before.items()}, step=0)
+    accum = cfg["grad_accum"]
+    bar = tqdm(total=cfg["steps"], initial=step, desc="vae", disable=not progress)
+    while step < cfg["steps"]:
+        step += 1
         t0 = time.perf_counter()
         vae.train()
-        for _ in range(cfg["grad_accum"]):
+        use_adv = disc is not None and step > adv_start
+        sums = {"loss": 0.0, "loss_l2": 0.0, "loss_perceptual": 0.0, "loss_consistency": 0.0}
+        if use_adv:
+            sums.update({"loss_adv_g": 0.0, "loss_disc": 0.0})
+            disc.requires_grad_(False)            # the generator term must not train the discriminator
+        recons = []
+        for _ in range(accum):
             idx = torch.randint(0, len(images), (cfg["batch_size"],), generator=gen).tolist()
             x = torch.stack([random_crop(images[i], cfg["resolution"], gen) for i in idx])
-            with torch.no_grad():
+            with torch.no_grad():                 # frozen encoder and frozen reference decoder only
                 z = vae.encode(x).latent_dist.sample(generator=gen)
                 ref = original_decoder(post_quant(z))
             recon = vae.decode(z).sample
             l2 = F.mse_loss(recon, x)
-            perc = perceptual_loss(recon, x)
+            perc = perceptual_loss(recon, x, lpips_model)
             consistency = F.mse_loss(recon, ref)
-            loss = (lam_l2 * l2 + lam_perc * perc + lam_vae * consistency) / cfg["grad_accum"]
-            loss.backward()
+            loss = lam_l2 * l2 + lam_perc * perc + lam_vae * consistency
+            if use_adv:
+                adv = generator_adv_loss(disc, recon)
+                loss = loss + lam_adv * adv
+                sums["loss_adv_g"] += float(adv.detach()) / accum
+                recons.append((x, recon.detach()))
+            (loss / accum).backward()
+            for k, v in (("loss", loss), ("loss_l2", l2), ("loss_perceptual", perc), ("loss_consistency", consistency)):
+                sums[k] += float(v.detach()) / accum
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "loss": float(loss) * cfg["grad_accum"], "loss_l2": float(l2),
-                  "loss_perceptual": float(perc), "loss_consistency": float(consistency),
-                  "images_per_s": cfg["batch_size"] * cfg["grad_accum"] / (time.perf_counter() - t0)}
+        if use_adv:                               # discriminator step on the detached reconstructions
+            disc.requires_grad_(True)
+            for x, recon in recons:
+                d_loss = discriminator_loss(disc, x, recon)
+                (d_loss / accum).backward()
+                sums["loss_disc"] += float(d_loss) / accum
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        record = {"step": step, **sums,
+                  "images_per_s": cfg["batch_size"] * accum / (time.perf_counter() - t0),
+                  "lr": optimizer.param_groups[0]["lr"]}
         if holdout and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
             record.update({f"holdout_{k}": v for k, v in reconstruction_metrics(vae.eval(), holdout).items()})
         history.append(record)
         if logger is not None:
             logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+        bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if ckpt is not None and (step % every == 0 or step == cfg["steps"]):
+            ckpt.save(step, {"step": step, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                             "disc": disc.state_dict() if disc is not None else None,
+                             "opt_d": opt_d.state_dict() if opt_d is not None else None,
+                             "generator": gen.get_state(), "rng": rng_state(), "history": history,
+                             "before": before})
+    bar.close()
 
     with atomic_path(out_dir / "vae") as tmp:
         vae.eval().save_pretrained(tmp)
     pd.DataFrame(history).to_csv(out_dir / "loss.csv", index=False)
     after = reconstruction_metrics(vae.eval(), holdout) if holdout else {}
-    return {"final_loss": history[-1]["loss"], "num_train_images": len(images), "num_holdout_images": len(holdout),
+    return {"final_loss": history[-1]["loss"] if history else float("nan"), "num_train_images": len(images),
+            "num_holdout_images": len(holdout),
             **{f"holdout_{k}_before": v for k, v in before.items()}, **{f"holdout_{k}": v for k, v in after.items()},
-            "perceptual": PERCEPTUAL_STANDIN}
+            "perceptual": perceptual_name, "adversarial": adversarial}
