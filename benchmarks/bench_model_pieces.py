@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import yaml
+from common import timed
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
+from ultraflux.config import load_params
 from ultraflux.losses import dit_loss
 from ultraflux.models.rope import UltraFluxPosEmbed, build_pos_embed
 
@@ -51,15 +51,6 @@ def img_ids(h: int, w: int) -> torch.Tensor:
     return torch.stack([torch.zeros(h * w), hh.flatten().float(), ww.flatten().float()], dim=-1)
 
 
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", type=int, nargs=2, default=(32, 32), help="latent H W (tokens = H/2 x W/2)")
@@ -69,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_params(ROOT / "params.yaml")
     tiny, rope_cfg, loss_cfg = params["model"]["tiny"], params["rope"], params["loss"]
     h, w = args.grid
     b = args.batch
