@@ -85,6 +85,9 @@ def run_tags(params: dict) -> dict[str, str]:
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    from ultraflux.ablation import ablation_tags  # ablation=co-design, variant=A..D for experiments co-design-<L>
+
+    tags.update(ablation_tags(params, os.environ.get("DVC_EXP_NAME")))
     for item in filter(None, os.environ.get("ULTRAFLUX_RUN_TAGS", "").split(",")):
         k, _, v = item.partition("=")
         tags[k.strip()] = v.strip()

@@ -262,7 +262,7 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
             for x, recon in recons:
                 d_loss = discriminator_loss(disc, x, recon)
                 (d_loss / accum).backward()
-                sums["loss_disc"] += float(d_loss) / accum
+                sums["loss_disc"] += float(d_loss.detach()) / accum
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         record = {"step": step, **sums,
