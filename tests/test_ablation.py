@@ -1,0 +1,370 @@
+"""`ultraflux ablation`: the 2x2 co-design grid (seed Table 1) as four queued DVC experiments.
+
+Fast unit tests cover the cell definitions, the MLflow tags, the summary table on synthetic metrics and the parsing of
+DVC's output. The slow tests run the real command once in a temporary git repository with a reduced profile, with
+cell B deliberately broken (`--set-variant B:rope.kind=bogus`): the other three cells must survive, the summary must
+show B as failed with the reason, curate/vae must run once per dataset variant (run cache), every cell must be a
+tagged MLflow parent run. Then the same cell is recomputed from scratch and its metrics files compared byte for byte,
+and a re-run of the command with the same experiment names is checked.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import warnings
+
+import pytest
+
+from conftest import ROOT
+from ultraflux import ablation, tracking
+
+NOT_COMPUTED = "not computed (no weights at evaluate.fid_inception_weights)"
+
+
+def params_for(letter, base):
+    p = json.loads(json.dumps(base))
+    variant, model = ablation.CELLS[letter]
+    p["data"]["variant"] = variant
+    p["objective"] = ablation.MODELS[model]["objective"]
+    p["rope"]["kind"] = ablation.MODELS[model]["rope.kind"]
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ fast
+def test_cells_switch_loss_and_rope_together():
+    assert ablation.cell_sets("A") == ["data.variant=baseline", "objective=l2", "rope.kind=flux"]
+    assert ablation.cell_sets("B") == ["data.variant=multiaspect", "objective=l2", "rope.kind=flux"]
+    assert ablation.cell_sets("C") == ["data.variant=baseline", "objective=ultraflux", "rope.kind=resonance_yarn"]
+    assert ablation.cell_sets("D") == ["data.variant=multiaspect", "objective=ultraflux", "rope.kind=resonance_yarn"]
+
+
+def test_cell_of_params(params):
+    assert ablation.cell_of(params) == "D"  # params.yaml is the full recipe
+    for L in "ABCD":
+        assert ablation.cell_of(params_for(L, params)) == L
+    mixed = params_for("A", params)
+    mixed["rope"]["kind"] = "resonance_yarn"
+    assert ablation.cell_of(mixed) is None and ablation.model_of(mixed) == "mixed"
+
+
+def test_ablation_tags_only_for_co_design_names(params):
+    assert ablation.ablation_tags(params, None) == {}
+    assert ablation.ablation_tags(params, "lusty-ravs") == {}
+    assert ablation.ablation_tags(params, "co-design-E") == {}
+    assert ablation.ablation_tags(params, "co-design-summary") == {}
+    tags = ablation.ablation_tags(params_for("C", params), "co-design-C")
+    assert tags == {"ablation": "co-design", "variant": "C", "ablation.model": "ultraflux",
+                    "ablation.dataset": "baseline"}
+    assert ablation.ablation_tags(params_for("B", params), "co-design-B-lr2")["variant"] == "B"
+    off_grid = ablation.ablation_tags(params_for("A", params), "co-design-B")
+    assert off_grid["variant"] == "B" and off_grid["ablation.params_match"] == "false"
+
+
+def test_run_tags_carry_the_ablation_cell(params, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "co-design-A")
+    monkeypatch.delenv("ULTRAFLUX_RUN_TAGS", raising=False)
+    tags = tracking.run_tags(params_for("A", params))
+    assert tags["ablation"] == "co-design" and tags["variant"] == "A" and tags["dvc_exp_name"] == "co-design-A"
+    assert tags["objective"] == "l2" and tags["rope.kind"] == "flux" and tags["data.variant"] == "baseline"
+    monkeypatch.setenv("DVC_EXP_NAME", "some-exp")
+    assert "ablation" not in tracking.run_tags(params)
+
+
+def synthetic_metrics(glcm, loss, fid=NOT_COMPUTED):
+    gen = {a: {"fid": fid, "hpsv3": "not computed (no weights at evaluate.hpsv3_weights)", "glcm_score": glcm + i,
+               "compression_ratio": 6.0 + i, "num_images": 3} for i, a in enumerate(["1x1", "2x1"])}
+    return {"evaluate": {"generation": gen, "vae": {"psnr": 12.0, "ssim": 0.2, "nmse": 1.1,
+                                                      "lpips": "not computed (no weights at evaluate.lpips_weights)"}},
+            "vae": {"final_loss": 0.4}, "dit_stage1": {"final_loss": loss}, "dit_stage2": {"final_loss": loss / 2},
+            "curate": {"num_kept": 12}}
+
+
+def synthetic_results():
+    return {
+        "A": {"status": "success", "exp_name": "co-design-A", "metrics": synthetic_metrics(1.0, 0.4)},
+        "B": {"status": "failed", "exp_name": "co-design-B",
+              "reason": "[curate] params.yaml: 'rope.kind' must be one of flux, yarn, resonance_yarn (got 'bogus')"},
+        "C": {"status": "success", "exp_name": "co-design-C", "metrics": synthetic_metrics(2.0, 0.2)},
+        "D": {"status": "success", "exp_name": "co-design-D", "metrics": synthetic_metrics(4.0, 0.1, fid=140.0)},
+    }
+
+
+def test_summary_rows_never_invent_numbers():
+    rows = ablation.summary_rows(synthetic_results())
+    assert [r["variant"] for r in rows] == list("ABCD")
+    a, b, c, d = rows
+    assert a["fid"] == NOT_COMPUTED and a["hpsv3"].startswith("not computed")
+    assert d["fid"] == 140.0  # numeric in every aspect -> mean over aspects
+    assert a["glcm_score_mean"] == pytest.approx(1.5) and a["glcm_score_1x1"] == 1.0 and a["glcm_score_2x1"] == 2.0
+    assert a["compression_ratio_mean"] == pytest.approx(6.5)
+    assert a["vae_psnr"] == 12.0 and a["vae_lpips"].startswith("not computed")
+    assert c["dit_stage1_final_loss"] == 0.2 and c["dit_stage2_final_loss"] == 0.1
+    assert b["status"] == "failed" and "rope.kind" in b["reason"] and b["fid"] == "n/a (failed)"
+    assert b["glcm_score_mean"] == "n/a (failed)"
+    assert (a["paper_fid"], b["paper_fid"], c["paper_fid"], d["paper_fid"]) == (152.09, 151.41, 147.41, 145.81)
+    assert (a["paper_hpsv3"], b["paper_hpsv3"], c["paper_hpsv3"], d["paper_hpsv3"]) == (8.57, 9.17, 10.03, 10.78)
+    assert a["dataset"].startswith("Diffusion-4K") and b["dataset"].startswith("MultiAspect")
+    assert a["model_loss"] == "Flux, latent L2" and d["model_loss"].startswith("UltraFlux")
+    # one string among numbers is not averaged away
+    res = synthetic_results()
+    res["A"]["metrics"]["evaluate"]["generation"]["2x1"]["glcm_score"] = "not computed (too few images)"
+    assert ablation.summary_rows(res)[0]["glcm_score_mean"] == "not computed (too few images)"
+
+
+def test_interaction_is_non_additivity():
+    rows = [{"variant": L, "x": v} for L, v in zip("ABCD", [152.09, 151.41, 147.41, 145.81])]
+    assert ablation.interaction(rows, "x") == pytest.approx(-0.92)
+    rows[1]["x"] = "n/a (failed)"
+    assert ablation.interaction(rows, "x") is None
+
+
+def test_write_summary_csv_markdown_png(tmp_path):
+    rows, paths = ablation.write_summary(synthetic_results(), tmp_path / "abl")
+    import csv
+
+    with open(paths["csv"]) as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["variant"] for r in table] == list("ABCD")
+    assert table[0]["fid"] == NOT_COMPUTED and table[1]["status"] == "failed" and "bogus" in table[1]["reason"]
+    assert float(table[0]["glcm_score_mean"]) == pytest.approx(1.5)
+    md = paths["md"].read_text()
+    assert "| Variant | Dataset | Model / Loss | FID ↓ | HPSv3 ↑ |" in md
+    for v in ("152.09", "151.41", "147.41", "145.81", "8.57", "9.17", "10.03", "10.78"):
+        assert v in md
+    assert "failed: [curate] params.yaml: 'rope.kind'" in md and NOT_COMPUTED in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(paths["json"].read_text())["rows"][3]["fid"] == 140.0
+
+
+def test_parse_queue_status_and_failure_reason():
+    text = ("Task     Name         Created    Status\n"
+            "6d5baf7  co-design-B  09:38 AM   Failed\n"
+            "1475cdd  co-design-A  09:37 AM   Success\n"
+            "a1b2c3d  None         Nov 24     Queued\n\n"
+            "Worker status: 1 active, 2 idle\n")
+    rows, workers = ablation.parse_queue_status(text)
+    assert rows == {"6d5baf7": ("co-design-B", "Failed"), "1475cdd": ("co-design-A", "Success"),
+                    "a1b2c3d": ("None", "Queued")}
+    assert workers == 3
+    log = ("Reproducing experiment 'co-design-B'\nRunning stage 'curate':\n> python stages/curate.py\n"
+           "[curate] params.yaml: 'rope.kind' must be one of flux, yarn, resonance_yarn (got 'bogus')\n"
+           "ERROR: failed to reproduce 'curate': failed to run: python stages/curate.py, exited with 2\n"
+           "ERROR: failed to reproduce 'curate': failed to run: python stages/curate.py, exited with 2\n")
+    reason = ablation.reason_from_log(log)
+    assert reason.startswith("[curate] params.yaml: 'rope.kind'") and reason.count("ERROR") == 1
+    assert "RuntimeError: boom" in ablation.reason_from_log("Traceback...\n  File x\nRuntimeError: boom\n")
+
+
+def test_manifest_sha256_from_dvc_cache(tmp_path):
+    cache = tmp_path / ".dvc" / "cache" / "files" / "md5"
+    payload = b"PAR1 fake manifest"
+    md5 = hashlib.md5(payload).hexdigest()
+    (cache / md5[:2]).mkdir(parents=True)
+    (cache / md5[:2] / md5[2:]).write_bytes(payload)
+    listing = json.dumps([{"md5": md5, "relpath": "manifest.parquet"}]).encode()
+    dir_md5 = hashlib.md5(listing).hexdigest() + ".dir"
+    (cache / dir_md5[:2]).mkdir(parents=True, exist_ok=True)
+    (cache / dir_md5[:2] / dir_md5[2:]).write_bytes(listing)
+    assert ablation.manifest_sha256(tmp_path, dir_md5) == hashlib.sha256(payload).hexdigest()
+    assert ablation.manifest_sha256(tmp_path, None) == "unavailable"
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        ablation.cli_ablation(["--set-variant", "E:seed=1"])
+    with pytest.raises(SystemExit):
+        ablation.cli_ablation(["--variants", "AX"])
+    with pytest.raises(SystemExit):
+        ablation.cli_ablation(["--jobs", "0"])
+
+
+# ------------------------------------------------------------------------------------------------ slow: real DVC
+def sh(cmd, cwd, env, timeout=900, ok=(0,)):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, shell=True)
+    assert proc.returncode in ok, f"{cmd} -> {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+TINY = {  # a reduced profile: the grid's mechanics, not its numbers, are under test here
+    ("data", "synthetic", "num_images"): 24, ("data", "synthetic", "long_side"): 512,
+    ("vae_train", "steps"): 2, ("vae_train", "resolution"): 64, ("vae_train", "eval_every"): 2,
+    ("dit_stage1", "steps"): 2, ("dit_stage1", "checkpoint_every"): 2,
+    ("dit_stage2", "steps"): 2, ("dit_stage2", "checkpoint_every"): 2,
+    ("sample", "aspects"): ["1:1", "2:1"], ("sample", "num_inference_steps"): 2,
+}
+
+
+def tiny_repo(dst):
+    from ruamel.yaml import YAML
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("outputs/", "metrics/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    rt = YAML()
+    p = rt.load((dst / "params.yaml").read_text())
+    for keys, v in TINY.items():
+        node = p
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = v
+    p["sample"]["prompts"] = p["sample"]["prompts"][:1]
+    with open(dst / "params.yaml", "w") as fh:
+        rt.dump(p, fh)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("ablation") / "repo"
+    repo.mkdir()
+    tiny_repo(repo)
+    env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "MLFLOW_TRACKING_URI",
+                                                            "ULTRAFLUX_RUN_TAGS", "DVC_EXP_NAME", "DVC_ROOT")}
+    sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", repo, env)
+    t0 = time.time()
+    proc = sh("ultraflux ablation --poll 4 --timeout 1500 --set-variant B:rope.kind=bogus", repo, env, timeout=1800,
+              ok=(1,))
+    return {"repo": repo, "env": env, "proc": proc, "wall": time.time() - t0}
+
+
+def not_run_cached(repo):
+    """Stages DVC never restores from its run cache: those with a `persist: true` output (dvc/stage/cache.py)."""
+    from ultraflux.config import parse_yaml
+
+    stages = parse_yaml((repo / "dvc.yaml").read_text())["stages"]
+    return {name for name, st in stages.items() for out in st.get("outs", [])
+            if isinstance(out, dict) and any((o or {}).get("persist") for o in out.values())}
+
+
+def mlflow_runs(repo, filter_string):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    exp = client.get_experiment_by_name("ultraflux")
+    return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
+
+
+@pytest.mark.slow
+def test_grid_survives_a_failed_cell_and_shares_stages(grid):
+    repo, out = grid["repo"], grid["proc"].stdout
+    import csv
+
+    with open(repo / "outputs/ablation/table1.csv") as fh:
+        table = {r["variant"]: r for r in csv.DictReader(fh)}
+    want = {"A": "success", "B": "failed", "C": "success", "D": "success"}
+    assert {L: table[L]["status"] for L in "ABCD"} == want, out
+    assert "rope.kind" in table["B"]["reason"] and "bogus" in table["B"]["reason"]
+    assert (repo / "outputs/ablation/logs/co-design-B.log").read_text().count("rope.kind") >= 1
+    for L in "ACD":
+        assert table[L]["fid"].startswith("not computed") and float(table[L]["vae_psnr"]) > 0
+        assert len(table[L]["manifest_sha256"]) == 64 and len(table[L]["exp_rev"]) == 40
+    assert table["A"]["manifest_sha256"] == table["C"]["manifest_sha256"] != table["D"]["manifest_sha256"]
+    md = (repo / "outputs/ablation/table1.md").read_text()
+    assert "152.09" in md and "10.78" in md and "failed: " in md
+    assert (repo / "outputs/ablation/table1.png").stat().st_size > 10_000
+
+    # dvc exp show: the three finished cells with their metrics
+    shown = json.loads(sh("dvc exp show --json", repo, grid["env"]).stdout)
+    exps = {e["name"]: e for b in shown for e in (b.get("experiments") or [])}
+    for L in "ACD":
+        data = exps[f"co-design-{L}"]["revs"][0]["data"]
+        assert "metrics/evaluate.json" in data["metrics"]
+    assert exps["co-design-B"]["executor"]["state"] == "failed"
+
+    # run cache: curate and vae once per dataset variant (A: baseline, D: multiaspect; C restores A's), DiT per cell
+    stages = [r.data.tags["ultraflux.stage"] for r in mlflow_runs(repo, "tags.`ultraflux.role` = 'stage'")]
+    counts = {s: stages.count(s) for s in set(stages)}
+    assert counts["curate"] == 2, counts
+    # vae is shared too, unless dvc.yaml gives it a persist output (resumable checkpoints), which turns DVC's run
+    # cache off for the stage: then C recomputes A's VAE (same inputs, same result, only slower).
+    if "vae" in not_run_cached(repo):
+        warnings.warn("dvc.yaml: stage vae has a persist output, so DVC's run cache cannot share it between the "
+                      "ablation cells (it runs once per cell instead of once per dataset variant)")
+    assert counts["vae"] == (3 if "vae" in not_run_cached(repo) else 2), counts
+    assert counts["dit_stage1"] == 3 and counts["evaluate"] == 3, counts  # A, C, D; B failed before any stage
+    # stage runs are tagged through run_tags while they run
+    child = mlflow_runs(repo, "tags.`ultraflux.stage` = 'dit_stage1' and tags.variant = 'C'")
+    assert len(child) == 1 and child[0].data.tags["ablation"] == "co-design"
+
+    # MLflow: one parent run per cell, tagged, in one experiment; a summary run with the table
+    parents = mlflow_runs(repo, "tags.ablation = 'co-design' and tags.`ultraflux.role` = 'parent'")
+    by = {r.data.tags["variant"]: r for r in parents}
+    assert sorted(by) == list("ABCD") and len(parents) == 4
+    for L, r in by.items():
+        assert r.data.tags["dvc_exp_name"] == f"co-design-{L}"
+        assert len(r.data.tags["git_commit"]) == 40
+    for L in "ACD":
+        assert by[L].info.status == "FINISHED" and len(by[L].data.tags["data.manifest_sha256"]) == 64
+        assert by[L].data.params["objective"] == ablation.MODELS[ablation.CELLS[L][1]]["objective"]
+        assert "ablation.vae_psnr" in by[L].data.metrics
+    assert by["B"].info.status == "FAILED" and "bogus" in by["B"].data.tags["ablation.reason"]
+    [summary] = mlflow_runs(repo, "tags.ablation = 'co-design' and tags.`ultraflux.role` = 'summary'")
+    assert summary.info.run_name == "co-design-summary"
+    from mlflow.tracking import MlflowClient
+
+    arts = {a.path for a in MlflowClient(f"sqlite:///{repo}/mlflow.db").list_artifacts(summary.info.run_id)}
+    assert {"table1.csv", "table1.md", "table1.png"} <= arts
+
+
+@pytest.mark.slow
+def test_same_params_same_seed_same_metrics(grid):
+    """Cell D recomputed from scratch in the workspace (`dvc repro --no-run-cache`; params.yaml is cell D) gives
+    byte-identical metrics files to the queued experiment co-design-D."""
+    repo, env = grid["repo"], grid["env"]
+    sh("dvc repro --no-run-cache", repo, env, timeout=900)
+    shown = json.loads(sh("dvc exp show --json", repo, env).stdout)
+    rev = next(e["revs"][0]["rev"] for b in shown for e in (b.get("experiments") or []) if e["name"] == "co-design-D")
+    differ = {}
+    for f in sorted((repo / "metrics").glob("*.json")):
+        committed = sh(f"git show {rev}:metrics/{f.name}", repo, env).stdout
+        if committed != f.read_text():
+            a, b = json.loads(committed), json.loads(f.read_text())
+            differ[f.name] = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert not differ, f"same params and seed, different metrics: {differ}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="ultraflux/data/stats.py patch_flatness: cv2.magnitude on float32 differs "
+                   "by 1 ulp with buffer alignment; after round(v, 6) the manifest column s_flat_mean can differ in "
+                   "the last digits between two runs (metrics are unaffected)")
+def test_curated_manifest_is_byte_reproducible(grid):
+    """Runs after the test above: outputs/curated is then cell D recomputed in the workspace."""
+    import csv
+
+    with open(grid["repo"] / "outputs/ablation/table1.csv") as fh:
+        d = next(r for r in csv.DictReader(fh) if r["variant"] == "D")
+    manifest = (grid["repo"] / "outputs/curated/manifest.parquet").read_bytes()
+    assert hashlib.sha256(manifest).hexdigest() == d["manifest_sha256"]
+
+
+@pytest.mark.slow
+def test_rerun_with_existing_names(grid):
+    """Running the command again replaces the experiments of the same names; cells whose stages are all in the run
+    cache are restored (no stage runs) and still get a tagged MLflow parent run."""
+    repo, env = grid["repo"], grid["env"]
+    before = {r.info.run_id for r in mlflow_runs(repo, "tags.`ultraflux.role` = 'stage'")}
+    proc = sh("ultraflux ablation --poll 4 --variants A --out outputs/ablation-rerun", repo, env, timeout=900)
+    assert "A co-design-A: success" in proc.stdout
+    # nothing recomputed except stages the run cache cannot hold (persist outputs); those give byte-identical
+    # outputs, so everything downstream of them is restored again
+    rerun = {r.data.tags["ultraflux.stage"] for r in mlflow_runs(repo, "tags.`ultraflux.role` = 'stage'")
+             if r.info.run_id not in before}
+    assert rerun <= not_run_cached(repo), rerun
+    runs = mlflow_runs(repo, "tags.variant = 'A' and tags.`ultraflux.role` = 'parent'")
+    assert len(runs) == 2 and all(r.data.tags["ablation"] == "co-design" for r in runs)
+    if not rerun:  # no stage ran: the summary step created the cell's parent run
+        assert any(r.data.tags.get("ultraflux.restored") == "run-cache" for r in runs)
+    shown = json.loads(sh("dvc exp show --json", repo, env).stdout)
+    assert [e["name"] for b in shown for e in (b.get("experiments") or [])].count("co-design-A") == 1
+    import csv
+
+    with open(repo / "outputs/ablation/table1.csv") as fh:
+        first = next(r for r in csv.DictReader(fh) if r["variant"] == "A")
+    with open(repo / "outputs/ablation-rerun/table1.csv") as fh:
+        again = next(csv.DictReader(fh))
+    for k in ("glcm_score_mean", "compression_ratio_mean", "vae_psnr", "dit_stage2_final_loss", "manifest_sha256"):
+        assert first[k] == again[k], k
