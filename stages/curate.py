@@ -9,7 +9,10 @@ OUT = Path("outputs/curated")
 def main(params, logger):
     from ultraflux.data.curate import run_curation
 
+    from ultraflux.io import sha256_file
+
     metrics = run_curation(params, OUT)
+    metrics["manifest_sha256"] = sha256_file(OUT / "manifest.parquet")
     logger.log_artifact(OUT / "plots", "plots")
     logger.log_artifact(OUT / "manifest.parquet")
     return metrics

@@ -328,9 +328,6 @@ def test_same_params_same_seed_same_metrics(grid):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="ultraflux/data/stats.py patch_flatness: cv2.magnitude on float32 differs "
-                   "by 1 ulp with buffer alignment; after round(v, 6) the manifest column s_flat_mean can differ in "
-                   "the last digits between two runs (metrics are unaffected)")
 def test_curated_manifest_is_byte_reproducible(grid):
     """Runs after the test above: outputs/curated is then cell D recomputed in the workspace."""
     import csv

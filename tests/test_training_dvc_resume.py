@@ -1,5 +1,5 @@
-"""A real ``dvc repro`` killed mid-way through dit_stage1 resumes from ``checkpoints/dit_stage1`` (a ``persist: true``
-output that DVC does not delete) and ends with the same weights as an uninterrupted run.
+"""A real ``dvc repro`` killed mid-way through dit_stage1 resumes from ``checkpoints/dit_stage1`` (not a DVC output,
+so DVC does not delete it) and ends with the same weights as an uninterrupted run.
 
 Two kills: (a) only the training process (DVC sees the stage fail, releases its lock); (b) the whole process group,
 DVC included (a preempted job): DVC then leaves a stale ``.dvc/tmp/rwlock`` that makes the next ``dvc repro`` fail

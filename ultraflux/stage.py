@@ -54,7 +54,7 @@ def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str =
         metrics = fn(params, logger) or {}
         timing = {"wall_time_s": round(time.time() - t0, 3), **metrics.pop(TIMING_KEY, {})}
         logger.log_metrics(_numeric(metrics))
-        logger.set_tags({k: v for k, v in _flat(metrics).items() if isinstance(v, str)})
+        logger.set_tags({f"{stage}.{k}": v for k, v in _flat(metrics).items() if isinstance(v, str)})
         write_json(METRICS_DIR / f"{stage}.json", metrics)
         write_json(TIMINGS_DIR / f"{stage}.json", timing)
     return metrics

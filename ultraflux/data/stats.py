@@ -53,7 +53,8 @@ def patch_flatness(gray: np.ndarray, patch: int = 240) -> np.ndarray:
     for i in range(ny):  # one strip of patches at a time: the float32 temporaries stay in cache
         rows = slice(y0 + i * ph, y0 + (i + 1) * ph)
         cols = slice(x0, x0 + nx * pw)
-        mag = cv2.magnitude(gx[rows, cols].astype(np.float32), gy[rows, cols].astype(np.float32))
+        fx, fy = gx[rows, cols].astype(np.float32), gy[rows, cols].astype(np.float32)
+        mag = np.sqrt(fx * fx + fy * fy)  # correctly rounded; cv2.magnitude's SIMD path varies with buffer alignment
         for j in range(nx):
             _, std = cv2.meanStdDev(mag[:, j * pw : (j + 1) * pw])  # accumulated in double by OpenCV
             out[i, j] = float(std[0, 0]) ** 2

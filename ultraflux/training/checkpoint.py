@@ -6,8 +6,8 @@ Every ``checkpoint_every`` steps the full training state (model, optimizer, LR s
 A process killed at any moment (SIGKILL included) leaves either complete ``step-*`` directories or a ``*.tmp`` one,
 which the next run deletes. ``<dir>/fingerprint`` records what the run depends on (the stage's params and input
 hashes): a checkpoint directory with another fingerprint belongs to another run and is discarded, never resumed. The
-directory is a DVC ``persist: true`` output, so a plain re-run of ``dvc repro`` after a crash resumes instead of
-starting over.
+directory is not a DVC output (DVC only deletes declared outputs before a run), so a plain re-run of ``dvc repro``
+after a crash resumes instead of starting over.
 
 Multi-process (DDP / DeepSpeed ZeRO-2): ``save_state``/``load_state`` are collective, every rank calls ``save`` and
 ``load``; only the main process touches the directory layout (cleanup, rename, pruning), between barriers.
