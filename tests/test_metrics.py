@@ -57,3 +57,23 @@ def test_standins_are_named_and_fd_needs_real(params):
     assert "standin_fd_thumb8" not in no_ref and no_ref["standin_sharpness"] > 0
     with_ref = generation_metrics(imgs, params, real=[Image.new("RGB", (64, 64), (200, 10, 10))] * 2)
     assert with_ref["standin_fd_thumb8"] > 0.1
+
+
+def test_configured_qalign_weights_use_the_curation_scorer(params, monkeypatch, tmp_path):
+    """With evaluate.qalign_weights set, the Q-Align scorer of ultraflux.data.scorers is loaded from that folder."""
+    from ultraflux.data import scorers
+
+    loaded = {}
+
+    class FakeQAlign(scorers.Scorer):
+        def __init__(self, weights, batch_size=8):
+            loaded["weights"] = weights
+
+        def score(self, images):
+            return [4.5 for _ in images]
+
+    monkeypatch.setattr(scorers, "QAlignScorer", FakeQAlign)
+    cfg = {**params, "evaluate": {**params["evaluate"], "qalign_weights": str(tmp_path)}}
+    out = generation_metrics([Image.new("RGB", (32, 32))] * 2, cfg)
+    assert loaded["weights"] == str(tmp_path) and out["qalign"] == 4.5
+    assert out["hpsv3"].startswith("not computed")

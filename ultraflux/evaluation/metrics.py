@@ -10,7 +10,8 @@ metrics so results compare with that line of work:
 Learned metrics (FID, rFID, LPIPS, HPSv3, ArtiMuse, Q-Align) need checkpoints that cannot be downloaded here; without
 their local paths they are reported as ``not computed (no weights at <param>)`` and never replaced by a number.
 FID with ``evaluate.fid_inception_weights`` set uses torchmetrics' FrechetInceptionDistance on that local file (needs
-the ``vision`` extra: torch-fidelity + torchvision).
+the ``vision`` extra: torch-fidelity + torchvision); Q-Align and ArtiMuse with their weights use the curation scorers
+(``ultraflux.data.scorers``); HPSv3 has no backend in this build and says so.
 
 Clearly named weight-free stand-ins are reported *beside* them (keys start with ``standin_``), so variants can still
 be compared on the embedded profile; they are not the paper's metrics:
@@ -120,6 +121,11 @@ def generation_metrics(images: list[Image.Image], params: dict, real: list[Image
             out[metric] = not_computed(metric)
         elif metric == "fid" and real:
             out[metric] = fid(real, images, weights)
+        elif metric in ("qalign", "artimuse"):  # the curation scorers (ultraflux.data.scorers), same checkpoints
+            from ultraflux.data.scorers import make_scorer
+
+            scorer = make_scorer("quality" if metric == "qalign" else "aesthetic", {"weights": weights})
+            out[metric] = float(np.mean(scorer.score(arrays)))
         else:  # weights given but this scorer has no backend in this build: say so rather than guess
             out[metric] = f"not computed (no {metric} backend in this build; weights at {LEARNED_METRICS[metric]})"
     return out
