@@ -305,3 +305,34 @@ def test_learned_quality_scorer_path_uses_threshold_and_cache(synthetic_run, tmp
     calls["images"] = 0
     run_curation(params, tmp_path / "learned", progress=False)
     assert calls["images"] == 0  # scores come from the cache
+
+
+def test_baseline_square_crop_stays_inside_every_image():
+    """Diffusion-4K baseline crop: the box never leaves the source, whatever the rounding (seen at 768x321)."""
+    from ultraflux.data.process import random_square_box
+
+    rng = np.random.default_rng(0)
+    for w, h in [(768, 321), (321, 768), (768, 543), (5952, 2496), (481, 480), (480, 480), (1000, 333)]:
+        for _ in range(50):
+            x0, y0, x1, y1 = random_square_box(w, h, 480, rng)
+            assert 0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h
+            assert x1 - x0 == pytest.approx(min(w, h)) and y1 - y0 == pytest.approx(min(w, h))
+
+
+def test_an_exception_in_one_image_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    params = base_params()
+    real = process.analyze
+    victims = []
+
+    def sometimes_broken(data, image_id, *args, **kwargs):
+        if not victims:
+            victims.append(image_id)
+            raise ValueError("box can't exceed original image size")
+        return real(data, image_id, *args, **kwargs)
+
+    monkeypatch.setattr(process, "analyze", sometimes_broken)
+    metrics = run_curation(params, tmp_path / "out", progress=False)
+    manifest = pd.read_parquet(tmp_path / "out/manifest.parquet")
+    row = manifest[manifest["id"] == victims[0]].iloc[0]
+    assert not row["kept"] and row["reason"] == "failed: ValueError: box can't exceed original image size"
+    assert metrics["rejected_failed"] == 1 and metrics["num_sources"] == len(manifest) == 20

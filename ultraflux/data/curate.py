@@ -274,7 +274,7 @@ def summarize(manifest: pd.DataFrame, used: dict, cfg: dict, curate: dict) -> di
     }
     reasons = manifest.loc[~manifest["kept"], "reason"].str.split(":").str[0].str.strip()
     for key in ("unreadable", "decompression_bomb", "duplicate", "no_caption", "bad_caption", "too_small", "flat",
-                "low_entropy", "low_quality", "low_aesthetic"):
+                "low_entropy", "low_quality", "low_aesthetic", "failed"):
         metrics[f"rejected_{key}"] = int((reasons == key).sum())
     for name, count in kept["bucket"].value_counts().sort_index().items():
         metrics[f"bucket_{name}"] = int(count)

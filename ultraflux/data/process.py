@@ -69,8 +69,9 @@ def random_square_box(width: int, height: int, side: int,
     """Diffusion-4K: scale the short side to ``side``, random ``side`` x ``side`` crop; as a box in source pixels."""
     s = side / min(width, height)
     long_resized = round(max(width, height) * s)
-    offset = int(rng.integers(0, max(0, long_resized - side) + 1)) / s
     c = min(width, height)
+    # The offset is drawn in resized pixels; clamp it in source pixels, where rounding could push the box past the edge.
+    offset = min(int(rng.integers(0, max(0, long_resized - side) + 1)) / s, float(max(width, height) - c))
     return (offset, 0.0, offset + c, float(c)) if width >= height else (0.0, offset, float(c), offset + c)
 
 
@@ -158,7 +159,10 @@ def process_one(task: dict) -> dict:
             rec["cache_hit"] = True
             return rec
     image_path.parent.mkdir(parents=True, exist_ok=True)
-    rec = analyze(data, image_id, cfg, task["caption_error"], image_path)
+    try:
+        rec = analyze(data, image_id, cfg, task["caption_error"], image_path)
+    except Exception as err:  # one image never kills the run: record why, do not cache (a fixed version retries)
+        return {"id": image_id, "error": f"failed: {type(err).__name__}: {err}", "cache_hit": False}
     atomic_write_bytes(record_path, json.dumps(rec).encode())
     rec["cache_hit"] = False
     return rec
