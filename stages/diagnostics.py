@@ -8,7 +8,6 @@ OUT = Path("outputs/diagnostics")
 
 def main(params, logger):
     import pandas as pd
-    import torch
 
     from ultraflux.diagnostics import run_diagnostics
     from ultraflux.models.vae import build_vae

@@ -10,14 +10,13 @@ and a re-run of the command with the same experiment names is checked.
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
 import warnings
 
 import pytest
 
-from conftest import ROOT
+from conftest import copy_project
 from ultraflux import ablation, tracking
 
 NOT_COMPUTED = "not computed (no weights at evaluate.fid_inception_weights)"
@@ -199,12 +198,7 @@ TINY = {  # a reduced profile: the grid's mechanics, not its numbers, are under 
 def tiny_repo(dst):
     from ruamel.yaml import YAML
 
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("outputs/", "metrics/")) and f != "dvc.lock":
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
+    copy_project(dst)
     rt = YAML()
     p = rt.load((dst / "params.yaml").read_text())
     for keys, v in TINY.items():

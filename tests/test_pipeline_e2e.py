@@ -5,14 +5,13 @@ pipeline re-runs nothing, and that changing a dit_stage2 key re-runs only dit_st
 """
 import json
 import os
-import shutil
 import subprocess
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT
+from conftest import copy_project
 from ultraflux.config import load_params
 
 ALL_STAGES = {"curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"}
@@ -25,12 +24,7 @@ def sh(cmd, cwd, env=None, timeout=900):
 
 
 def project_copy(dst):
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("outputs/", "metrics/")) and f != "dvc.lock":
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
+    copy_project(dst)
     sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", dst)
 
 

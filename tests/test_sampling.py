@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from ultraflux.data.buckets import bucket_table
 from ultraflux.models.transformer import build_transformer

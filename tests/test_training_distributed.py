@@ -5,7 +5,6 @@ end with identical weights, the loss curve matches a one-process run with the sa
 processes x grad_accum), and a ZeRO-2 checkpoint (per-rank optimizer shards) resumes to the same final weights.
 """
 import json
-import os
 import shutil
 import subprocess
 import sys

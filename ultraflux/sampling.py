@@ -76,7 +76,7 @@ def cli_generate(argv: list[str]) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
-    from ultraflux.config import ParamsError, load_params
+    from ultraflux.config import load_params
     from ultraflux.pipelines import load_pipeline
 
     params = load_params(args.params)
