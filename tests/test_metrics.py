@@ -77,3 +77,32 @@ def test_configured_qalign_weights_use_the_curation_scorer(params, monkeypatch, 
     out = generation_metrics([Image.new("RGB", (32, 32))] * 2, cfg)
     assert loaded["weights"] == str(tmp_path) and out["qalign"] == 4.5
     assert out["hpsv3"].startswith("not computed")
+
+
+def test_hpsv3_with_weights_scores_images_against_their_prompts(params, monkeypatch, tmp_path):
+    import sys
+    import types
+
+    seen = {}
+
+    class FakeInferencer:
+        def __init__(self, checkpoint_path=None, device="cpu", **kw):
+            seen["ckpt"] = checkpoint_path
+
+        def reward(self, prompts, image_paths):
+            seen["pairs"] = list(zip(image_paths, prompts))
+            return [[10.0, 1.0], [8.0, 1.0]]
+
+    monkeypatch.setitem(sys.modules, "hpsv3", types.SimpleNamespace(HPSv3RewardInferencer=FakeInferencer))
+    cfg = {**params, "evaluate": {**params["evaluate"], "hpsv3_weights": str(tmp_path)}}
+    out = generation_metrics([Image.new("RGB", (32, 32))] * 2, cfg, paths=["0.png", "1.png"], prompts=["a", "b"])
+    assert out["hpsv3"] == 9.0 and seen == {"ckpt": str(tmp_path), "pairs": [("0.png", "a"), ("1.png", "b")]}
+
+
+def test_hpsv3_weights_without_the_package_say_so(params, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "hpsv3", None)  # import fails
+    cfg = {**params, "evaluate": {**params["evaluate"], "hpsv3_weights": str(tmp_path)}}
+    out = generation_metrics([Image.new("RGB", (32, 32))], cfg, paths=["0.png"], prompts=["a"])
+    assert out["hpsv3"].startswith("not computed (hpsv3 package not installed")

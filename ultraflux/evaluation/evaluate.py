@@ -1,6 +1,7 @@
 """The `evaluate` stage: seed Table 2 (VAE reconstruction) and Table 5 (generation, per aspect ratio)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -31,10 +32,12 @@ def evaluate_run(params: dict, curated_dir: Path, vae_dir: Path, samples_dir: Pa
     """Generation metrics per aspect ratio of the stage-2 samples; the real reference set is the kept curated images."""
     manifest = pd.read_parquet(curated_dir / "manifest.parquet")
     real = [Image.open(curated_dir / p).convert("RGB") for p in manifest.loc[manifest["kept"], "image"]]
+    prompts = json.loads((samples_dir / "prompts.json").read_text())
     out: dict = {"vae": vae_table(params, curated_dir, vae_dir), "generation": {}}
     for aspect in params["sample"]["aspects"]:
-        folder = samples_dir / "dit_stage2" / aspect.replace(":", "x")
-        images = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
-        if images:
-            out["generation"][aspect.replace(":", "x")] = generation_metrics(images, params, real)
+        paths = sorted((samples_dir / "dit_stage2" / aspect.replace(":", "x")).glob("*.png"))
+        images = [Image.open(p).convert("RGB") for p in paths]
+        if images:  # file i.png was generated from prompt i (ultraflux.sampling.sample_set)
+            out["generation"][aspect.replace(":", "x")] = generation_metrics(
+                images, params, real, [str(p) for p in paths], [prompts[int(p.stem)] for p in paths])
     return out

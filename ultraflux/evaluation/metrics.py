@@ -11,7 +11,7 @@ Learned metrics (FID, rFID, LPIPS, HPSv3, ArtiMuse, Q-Align) need checkpoints th
 their local paths they are reported as ``not computed (no weights at <param>)`` and never replaced by a number.
 FID with ``evaluate.fid_inception_weights`` set uses torchmetrics' FrechetInceptionDistance on that local file (needs
 the ``vision`` extra: torch-fidelity + torchvision); Q-Align and ArtiMuse with their weights use the curation scorers
-(``ultraflux.data.scorers``); HPSv3 has no backend in this build and says so.
+(``ultraflux.data.scorers``); HPSv3 with its weights uses the ``hpsv3`` package (prompt-conditioned).
 
 Clearly named weight-free stand-ins are reported *beside* them (keys start with ``standin_``), so variants can still
 be compared on the embedded profile; they are not the paper's metrics:
@@ -102,8 +102,26 @@ def fid(real: list[Image.Image], fake: list[Image.Image], weights_path: str) -> 
     return float(metric.compute())
 
 
-def generation_metrics(images: list[Image.Image], params: dict, real: list[Image.Image] | None = None) -> dict:
-    """Per-set generation metrics (seed Table 5 columns + Diffusion-4K detail metrics + named stand-ins)."""
+def hpsv3(paths: list[str], prompts: list[str], weights: str) -> float | str:
+    """Mean HPSv3 reward (the mu of each image's reward) with the ``hpsv3`` package and a local checkpoint."""
+    try:
+        from hpsv3 import HPSv3RewardInferencer
+    except ImportError as e:
+        return f"not computed (hpsv3 package not installed: pip install hpsv3; {e})"
+    import torch
+
+    inferencer = HPSv3RewardInferencer(checkpoint_path=weights, device="cuda" if torch.cuda.is_available() else "cpu")
+    with torch.no_grad():
+        rewards = inferencer.reward(prompts=prompts, image_paths=paths)
+    return float(np.mean([float(r[0]) if hasattr(r, "__len__") else float(r) for r in rewards]))
+
+
+def generation_metrics(images: list[Image.Image], params: dict, real: list[Image.Image] | None = None,
+                       paths: list[str] | None = None, prompts: list[str] | None = None) -> dict:
+    """Per-set generation metrics (seed Table 5 columns + Diffusion-4K detail metrics + named stand-ins).
+
+    ``real``: reference images for FID and the FD stand-in; ``paths``/``prompts``: the images' files and prompts
+    (HPSv3 scores an image against its prompt)."""
     from ultraflux.data.scorers import hasler_colorfulness, laplacian_sharpness
 
     arrays = [np.asarray(im.convert("RGB")) for im in images]
@@ -121,6 +139,8 @@ def generation_metrics(images: list[Image.Image], params: dict, real: list[Image
             out[metric] = not_computed(metric)
         elif metric == "fid" and real:
             out[metric] = fid(real, images, weights)
+        elif metric == "hpsv3" and paths and prompts:
+            out[metric] = hpsv3(paths, prompts, weights)
         elif metric in ("qalign", "artimuse"):  # the curation scorers (ultraflux.data.scorers), same checkpoints
             from ultraflux.data.scorers import make_scorer
 
