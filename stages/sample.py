@@ -8,6 +8,7 @@ OUT = Path("outputs/samples")
 
 
 def main(params, logger):
+    from ultraflux.models.transformer import load_transformer
     from ultraflux.pipelines import load_pipeline
     from ultraflux.sampling import sample_set
     from ultraflux.tracking import repo_root
@@ -20,8 +21,10 @@ def main(params, logger):
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prompts.json").write_text(json.dumps(prompts, indent=2))
     timing = {}
+    pipe = load_pipeline(params, Path("outputs/dit_stage2/transformer"), Path("outputs/vae/vae"))
     for label in ("dit_stage2", "dit_stage1"):
-        pipe = load_pipeline(params, Path("outputs") / label / "transformer", Path("outputs/vae/vae"))
+        if label != "dit_stage2":  # same VAE and text encoders: swap only the transformer
+            pipe.transformer = load_transformer(Path("outputs") / label / "transformer", params["rope"])
         timing.update({f"{label}.{k}": v for k, v in sample_set(params, pipe, prompts, OUT / label).items()})
     for grid in sorted((OUT / "dit_stage2").glob("grid_*.png")):
         logger.log_artifact(grid, "samples")

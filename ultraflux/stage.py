@@ -13,15 +13,16 @@ from typing import Callable
 
 from ultraflux.config import ParamsError, get, load_params, validate
 from ultraflux.io import write_json
+from ultraflux.tracking import NullLogger, flatten, stage_run
 
 STAGE_PARAMS: dict[str, list[str]] = {
     "curate": ["seed", "data", "curate"],
     "vae": ["seed", "model", "vae_train"],
-    "diagnostics": ["seed", "model", "rope"],
+    "diagnostics": ["model", "rope"],
     "dit_stage1": ["seed", "model", "rope", "objective", "loss", "dit_stage1"],
     "dit_stage2": ["seed", "model", "rope", "objective", "loss", "dit_stage2"],
     "sample": ["seed", "model", "rope", "sample", "curate.buckets.scale", "dit_stage2.shift", "refiner"],
-    "evaluate": ["seed", "model", "sample.aspects", "evaluate"],
+    "evaluate": ["model", "sample.aspects", "evaluate"],
     "judge": ["judge"],
     "report": [],
 }
@@ -38,37 +39,23 @@ def stage_params(params: dict, stage: str) -> dict:
 
 def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str = "params.yaml") -> dict:
     """Load + validate params, run ``fn(params, logger)`` inside the stage's MLflow run, write metrics/<stage>.json."""
-    from ultraflux.tracking import stage_run
-
     try:
         params = validate(load_params(params_path))
     except ParamsError as e:
         print(f"[{stage}] {e}", file=sys.stderr)
         raise SystemExit(2)
     if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: only rank 0 tracks and writes results
-        from ultraflux.tracking import NullLogger
-
         return fn(params, NullLogger()) or {}
     t0 = time.time()
     with stage_run(stage, params, stage_params(params, stage)) as logger:
         metrics = fn(params, logger) or {}
         timing = {"wall_time_s": round(time.time() - t0, 3), **metrics.pop(TIMING_KEY, {})}
         logger.log_metrics(_numeric(metrics))
-        logger.set_tags({f"{stage}.{k}": v for k, v in _flat(metrics).items() if isinstance(v, str)})
+        logger.set_tags({f"{stage}.{k}": v for k, v in flatten(metrics).items() if isinstance(v, str)})
         write_json(METRICS_DIR / f"{stage}.json", metrics)
         write_json(TIMINGS_DIR / f"{stage}.json", timing)
     return metrics
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _numeric(d: dict) -> dict:
-    return {k: v for k, v in _flat(d).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in flatten(d).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
