@@ -120,6 +120,10 @@ class StageLogger:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    def log_image(self, image, key: str, step: int = 0) -> None:
+        """A PIL image (or HxWx3 uint8 array) as an MLflow image series ``key`` at ``step`` (the UI's image slider)."""
+        self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -137,6 +141,7 @@ class NullLogger(StageLogger):
     def log_metrics(self, metrics, step=None): ...
     def log_params(self, params): ...
     def set_tags(self, tags): ...
+    def log_image(self, image, key, step=0): ...
     def log_artifact(self, path, artifact_path=None): ...
 
 

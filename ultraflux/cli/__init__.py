@@ -1,9 +1,10 @@
-"""The ``ultraflux`` command. Each subcommand's logic lives in the package; this only dispatches.
+"""The ``ultraflux`` command: one module per subcommand in this package (argument parsing and printing only; the
+work is done by the library it calls). This file only dispatches.
 
-  ultraflux generate ...        one image from a trained model            (ultraflux.sampling)
-  ultraflux curate-stats IMG..  one image's curation statistics as JSON   (ultraflux.data.curate)
-  ultraflux judge A B ...       Gemini pairwise preference of two folders (ultraflux.evaluation.judge)
-  ultraflux ablation ...        the 2x2 co-design ablation                (ultraflux.ablation)
+  ultraflux generate ...        one image from a trained model            (cli/generate.py)
+  ultraflux curate-stats IMG..  one image's curation statistics as JSON   (cli/curate_stats.py)
+  ultraflux judge A B ...       Gemini pairwise preference of two folders (cli/judge.py)
+  ultraflux ablation ...        the 2x2 co-design ablation                (cli/ablation.py)
   ultraflux profile apply F     rewrite params.yaml with a profile (e.g. configs/paper-4k.yaml)
   ultraflux params check        validate params.yaml and exit
 """
@@ -14,10 +15,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "generate": ("ultraflux.sampling", "cli_generate", "generate an image with a trained model"),
-    "curate-stats": ("ultraflux.data.curate", "cli_curate_stats", "print an image's curation statistics as JSON"),
-    "judge": ("ultraflux.evaluation.judge", "cli_judge", "Gemini pairwise preference between two image folders"),
-    "ablation": ("ultraflux.ablation", "cli_ablation", "run the 2x2 data-model co-design ablation (seed Table 1)"),
+    "generate": ("ultraflux.cli.generate", "main", "generate an image with a trained model"),
+    "curate-stats": ("ultraflux.cli.curate_stats", "main", "print an image's curation statistics as JSON"),
+    "judge": ("ultraflux.cli.judge", "main", "Gemini pairwise preference between two image folders"),
+    "ablation": ("ultraflux.cli.ablation", "main", "run the 2x2 data-model co-design ablation (seed Table 1)"),
     "profile": ("ultraflux.cli", "cli_profile", "apply a parameter profile, e.g. configs/paper-4k.yaml"),
     "params": ("ultraflux.cli", "cli_params", "validate params.yaml"),
 }

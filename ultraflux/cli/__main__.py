@@ -1,0 +1,5 @@
+import sys
+
+from ultraflux.cli import main
+
+sys.exit(main())
