@@ -17,47 +17,49 @@ import warnings
 import pytest
 
 from conftest import copy_project
-from ultraflux import ablation, tracking
+from ultraflux import codesign, tracking
+from ultraflux.ablation import dvc_queue, table
+from ultraflux.cli import ablation as cli
 
 NOT_COMPUTED = "not computed (no weights at evaluate.fid_inception_weights)"
 
 
 def params_for(letter, base):
     p = json.loads(json.dumps(base))
-    variant, model = ablation.CELLS[letter]
+    variant, model = codesign.CELLS[letter]
     p["data"]["variant"] = variant
-    p["objective"] = ablation.MODELS[model]["objective"]
-    p["rope"]["kind"] = ablation.MODELS[model]["rope.kind"]
+    p["objective"] = codesign.MODELS[model]["objective"]
+    p["rope"]["kind"] = codesign.MODELS[model]["rope.kind"]
     return p
 
 
 # ------------------------------------------------------------------------------------------------ fast
 def test_cells_switch_loss_and_rope_together():
-    assert ablation.cell_sets("A") == ["data.variant=baseline", "objective=l2", "rope.kind=flux"]
-    assert ablation.cell_sets("B") == ["data.variant=multiaspect", "objective=l2", "rope.kind=flux"]
-    assert ablation.cell_sets("C") == ["data.variant=baseline", "objective=ultraflux", "rope.kind=resonance_yarn"]
-    assert ablation.cell_sets("D") == ["data.variant=multiaspect", "objective=ultraflux", "rope.kind=resonance_yarn"]
+    assert codesign.cell_sets("A") == ["data.variant=baseline", "objective=l2", "rope.kind=flux"]
+    assert codesign.cell_sets("B") == ["data.variant=multiaspect", "objective=l2", "rope.kind=flux"]
+    assert codesign.cell_sets("C") == ["data.variant=baseline", "objective=ultraflux", "rope.kind=resonance_yarn"]
+    assert codesign.cell_sets("D") == ["data.variant=multiaspect", "objective=ultraflux", "rope.kind=resonance_yarn"]
 
 
 def test_cell_of_params(params):
-    assert ablation.cell_of(params) == "D"  # params.yaml is the full recipe
+    assert codesign.cell_of(params) == "D"  # params.yaml is the full recipe
     for L in "ABCD":
-        assert ablation.cell_of(params_for(L, params)) == L
+        assert codesign.cell_of(params_for(L, params)) == L
     mixed = params_for("A", params)
     mixed["rope"]["kind"] = "resonance_yarn"
-    assert ablation.cell_of(mixed) is None and ablation.model_of(mixed) == "mixed"
+    assert codesign.cell_of(mixed) is None and codesign.model_of(mixed) == "mixed"
 
 
 def test_ablation_tags_only_for_co_design_names(params):
-    assert ablation.ablation_tags(params, None) == {}
-    assert ablation.ablation_tags(params, "lusty-ravs") == {}
-    assert ablation.ablation_tags(params, "co-design-E") == {}
-    assert ablation.ablation_tags(params, "co-design-summary") == {}
-    tags = ablation.ablation_tags(params_for("C", params), "co-design-C")
+    assert codesign.ablation_tags(params, None) == {}
+    assert codesign.ablation_tags(params, "lusty-ravs") == {}
+    assert codesign.ablation_tags(params, "co-design-E") == {}
+    assert codesign.ablation_tags(params, "co-design-summary") == {}
+    tags = codesign.ablation_tags(params_for("C", params), "co-design-C")
     assert tags == {"ablation": "co-design", "variant": "C", "ablation.model": "ultraflux",
                     "ablation.dataset": "baseline"}
-    assert ablation.ablation_tags(params_for("B", params), "co-design-B-lr2")["variant"] == "B"
-    off_grid = ablation.ablation_tags(params_for("A", params), "co-design-B")
+    assert codesign.ablation_tags(params_for("B", params), "co-design-B-lr2")["variant"] == "B"
+    off_grid = codesign.ablation_tags(params_for("A", params), "co-design-B")
     assert off_grid["variant"] == "B" and off_grid["ablation.params_match"] == "false"
 
 
@@ -71,69 +73,75 @@ def test_run_tags_carry_the_ablation_cell(params, monkeypatch):
     assert "ablation" not in tracking.run_tags(params)
 
 
-def synthetic_metrics(glcm, loss, fid=NOT_COMPUTED):
-    gen = {a: {"fid": fid, "hpsv3": "not computed (no weights at evaluate.hpsv3_weights)", "glcm_score": glcm + i,
-               "compression_ratio": 6.0 + i, "num_images": 3} for i, a in enumerate(["1x1", "2x1"])}
-    return {"evaluate": {"generation": gen, "vae": {"psnr": 12.0, "ssim": 0.2, "nmse": 1.1,
-                                                      "lpips": "not computed (no weights at evaluate.lpips_weights)"}},
-            "vae": {"final_loss": 0.4}, "dit_stage1": {"final_loss": loss}, "dit_stage2": {"final_loss": loss / 2},
-            "curate": {"num_kept": 12}}
+def synthetic_metrics(glcm, loss, fid=None):
+    """What `dvc exp show` reports for a cell: the DVC metrics (numbers only) of each stage."""
+    gen = {"glcm_score": glcm, "compression_ratio": 6.0}
+    if fid is not None:
+        gen["fid"] = fid
+    return {"evaluate": {"generation_mean": gen, "vae": {"psnr": 12.0, "ssim": 0.2, "nmse": 1.1}},
+            "vae": {"final_loss": 0.4}, "dit_stage1": {"final_loss": loss, "final_val_loss": 2 * loss},
+            "dit_stage2": {"final_loss": loss / 2, "final_val_loss": loss}, "curate": {"num_kept": 12}}
 
 
-def synthetic_results():
+def synthetic_results(base):
+    fid_set = params_for("D", base)
+    fid_set["evaluate"]["fid_inception_weights"] = "/models/inception.pth"
     return {
-        "A": {"status": "success", "exp_name": "co-design-A", "metrics": synthetic_metrics(1.0, 0.4)},
+        "A": {"status": "success", "exp_name": "co-design-A", "metrics": synthetic_metrics(1.0, 0.4),
+              "params": params_for("A", base), "val_curves": {"dit_stage1": [(10, 1.0), (20, 0.8)]}},
         "B": {"status": "failed", "exp_name": "co-design-B",
-              "reason": "[curate] params.yaml: 'rope.kind' must be one of flux, yarn, resonance_yarn (got 'bogus')"},
-        "C": {"status": "success", "exp_name": "co-design-C", "metrics": synthetic_metrics(2.0, 0.2)},
-        "D": {"status": "success", "exp_name": "co-design-D", "metrics": synthetic_metrics(4.0, 0.1, fid=140.0)},
+              "reason": "[curate] params.yaml: 'rope.kind' must be 'flux', 'yarn' or 'resonance_yarn' (got 'bogus')"},
+        "C": {"status": "success", "exp_name": "co-design-C", "metrics": synthetic_metrics(2.0, 0.2),
+              "params": params_for("C", base), "val_curves": {"dit_stage1": [(10, 0.9), (20, 0.7)]}},
+        "D": {"status": "success", "exp_name": "co-design-D", "metrics": synthetic_metrics(4.0, 0.1, fid=140.0),
+              "params": fid_set},
     }
 
 
-def test_summary_rows_never_invent_numbers():
-    rows = ablation.summary_rows(synthetic_results())
+def test_summary_rows_never_invent_numbers(params):
+    rows = table.summary_rows(synthetic_results(params))
     assert [r["variant"] for r in rows] == list("ABCD")
     a, b, c, d = rows
-    assert a["fid"] == NOT_COMPUTED and a["hpsv3"].startswith("not computed")
-    assert d["fid"] == 140.0  # numeric in every aspect -> mean over aspects
-    assert a["glcm_score_mean"] == pytest.approx(1.5) and a["glcm_score_1x1"] == 1.0 and a["glcm_score_2x1"] == 2.0
-    assert a["compression_ratio_mean"] == pytest.approx(6.5)
-    assert a["vae_psnr"] == 12.0 and a["vae_lpips"].startswith("not computed")
-    assert c["dit_stage1_final_loss"] == 0.2 and c["dit_stage2_final_loss"] == 0.1
+    assert a["fid"] == NOT_COMPUTED and a["hpsv3"] == "not computed (no weights at evaluate.hpsv3_weights)"
+    assert d["fid"] == 140.0
+    assert a["evaluate.generation_mean.glcm_score"] == 1.0 and d["evaluate.generation_mean.glcm_score"] == 4.0
+    assert a["evaluate.vae.psnr"] == 12.0 and c["dit_stage1.final_val_loss"] == 0.4
     assert b["status"] == "failed" and "rope.kind" in b["reason"] and b["fid"] == "n/a (failed)"
-    assert b["glcm_score_mean"] == "n/a (failed)"
+    assert b["evaluate.generation_mean.glcm_score"] == "n/a (failed)"
     assert (a["paper_fid"], b["paper_fid"], c["paper_fid"], d["paper_fid"]) == (152.09, 151.41, 147.41, 145.81)
     assert (a["paper_hpsv3"], b["paper_hpsv3"], c["paper_hpsv3"], d["paper_hpsv3"]) == (8.57, 9.17, 10.03, 10.78)
     assert a["dataset"].startswith("Diffusion-4K") and b["dataset"].startswith("MultiAspect")
     assert a["model_loss"] == "Flux, latent L2" and d["model_loss"].startswith("UltraFlux")
-    # one string among numbers is not averaged away
-    res = synthetic_results()
-    res["A"]["metrics"]["evaluate"]["generation"]["2x1"]["glcm_score"] = "not computed (too few images)"
-    assert ablation.summary_rows(res)[0]["glcm_score_mean"] == "not computed (too few images)"
+    # weights configured but no number came back: said so, not invented
+    res = synthetic_results(params)
+    del res["D"]["metrics"]["evaluate"]["generation_mean"]["fid"]
+    assert table.summary_rows(res)[3]["fid"] == "not reported"
 
 
 def test_interaction_is_non_additivity():
     rows = [{"variant": L, "x": v} for L, v in zip("ABCD", [152.09, 151.41, 147.41, 145.81])]
-    assert ablation.interaction(rows, "x") == pytest.approx(-0.92)
+    assert table.interaction(rows, "x") == pytest.approx(-0.92)
     rows[1]["x"] = "n/a (failed)"
-    assert ablation.interaction(rows, "x") is None
+    assert table.interaction(rows, "x") is None
 
 
-def test_write_summary_csv_markdown_png(tmp_path):
-    rows, paths = ablation.write_summary(synthetic_results(), tmp_path / "abl")
+def test_write_summary_csv_markdown_png(tmp_path, params):
+    rows, paths = table.write_summary(synthetic_results(params), tmp_path / "abl")
     import csv
 
     with open(paths["csv"]) as fh:
-        table = list(csv.DictReader(fh))
-    assert [r["variant"] for r in table] == list("ABCD")
-    assert table[0]["fid"] == NOT_COMPUTED and table[1]["status"] == "failed" and "bogus" in table[1]["reason"]
-    assert float(table[0]["glcm_score_mean"]) == pytest.approx(1.5)
+        rows_csv = list(csv.DictReader(fh))
+    assert [r["variant"] for r in rows_csv] == list("ABCD")
+    assert rows_csv[0]["fid"] == NOT_COMPUTED and rows_csv[1]["status"] == "failed" and "bogus" in rows_csv[1]["reason"]
+    assert float(rows_csv[0]["evaluate.generation_mean.glcm_score"]) == 1.0
     md = paths["md"].read_text()
     assert "| Variant | Dataset | Model / Loss | FID ↓ | HPSv3 ↑ |" in md
     for v in ("152.09", "151.41", "147.41", "145.81", "8.57", "9.17", "10.03", "10.78"):
         assert v in md
     assert "failed: [curate] params.yaml: 'rope.kind'" in md and NOT_COMPUTED in md
+    assert "| dit_stage1.final_val_loss | 0.8 | n/a (failed) | 0.4 | 0.2 |" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["val_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(paths["json"].read_text())["rows"][3]["fid"] == 140.0
 
 
@@ -143,7 +151,7 @@ def test_parse_queue_status_and_failure_reason():
             "1475cdd  co-design-A  09:37 AM   Success\n"
             "a1b2c3d  None         Nov 24     Queued\n\n"
             "Worker status: 1 active, 2 idle\n")
-    rows, workers = ablation.parse_queue_status(text)
+    rows, workers = dvc_queue.parse_queue_status(text)
     assert rows == {"6d5baf7": ("co-design-B", "Failed"), "1475cdd": ("co-design-A", "Success"),
                     "a1b2c3d": ("None", "Queued")}
     assert workers == 3
@@ -151,32 +159,32 @@ def test_parse_queue_status_and_failure_reason():
            "[curate] params.yaml: 'rope.kind' must be one of flux, yarn, resonance_yarn (got 'bogus')\n"
            "ERROR: failed to reproduce 'curate': failed to run: python stages/curate.py, exited with 2\n"
            "ERROR: failed to reproduce 'curate': failed to run: python stages/curate.py, exited with 2\n")
-    reason = ablation.reason_from_log(log)
+    reason = dvc_queue.reason_from_log(log)
     assert reason.startswith("[curate] params.yaml: 'rope.kind'") and reason.count("ERROR") == 1
-    assert "RuntimeError: boom" in ablation.reason_from_log("Traceback...\n  File x\nRuntimeError: boom\n")
+    assert "RuntimeError: boom" in dvc_queue.reason_from_log("Traceback...\n  File x\nRuntimeError: boom\n")
 
 
-def test_manifest_sha256_from_dvc_cache(tmp_path):
-    cache = tmp_path / ".dvc" / "cache" / "files" / "md5"
-    payload = b"PAR1 fake manifest"
-    md5 = hashlib.md5(payload).hexdigest()
-    (cache / md5[:2]).mkdir(parents=True)
-    (cache / md5[:2] / md5[2:]).write_bytes(payload)
-    listing = json.dumps([{"md5": md5, "relpath": "manifest.parquet"}]).encode()
-    dir_md5 = hashlib.md5(listing).hexdigest() + ".dir"
-    (cache / dir_md5[:2]).mkdir(parents=True, exist_ok=True)
-    (cache / dir_md5[:2] / dir_md5[2:]).write_bytes(listing)
-    assert ablation.manifest_sha256(tmp_path, dir_md5) == hashlib.sha256(payload).hexdigest()
-    assert ablation.manifest_sha256(tmp_path, None) == "unavailable"
+def test_manifest_sha256_through_the_dvc_api(tmp_path):
+    """The manifest of a commit is read through dvc.api (not DVC's cache layout)."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    payload = b"PAR1 a manifest"
+    (tmp_path / "outputs/curated").mkdir(parents=True)
+    (tmp_path / "outputs/curated/manifest.parquet").write_bytes(payload)
+    sh("git init -q && dvc init -q && dvc add -q outputs/curated && git add -A && "
+       "git -c user.name=t -c user.email=t@t commit -qm m", tmp_path, env)
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "outputs/curated/manifest.parquet").write_bytes(b"changed in the workspace")
+    assert dvc_queue.manifest_sha256(tmp_path, rev) == hashlib.sha256(payload).hexdigest()
+    assert dvc_queue.manifest_sha256(tmp_path, "0" * 40) == "unavailable"
 
 
 def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
-        ablation.cli_ablation(["--set-variant", "E:seed=1"])
+        cli.main(["--set-variant", "E:seed=1"])
     with pytest.raises(SystemExit):
-        ablation.cli_ablation(["--variants", "AX"])
+        cli.main(["--variants", "AX"])
     with pytest.raises(SystemExit):
-        ablation.cli_ablation(["--jobs", "0"])
+        cli.main(["--jobs", "0"])
 
 
 # ------------------------------------------------------------------------------------------------ slow: real DVC
@@ -254,7 +262,7 @@ def test_grid_survives_a_failed_cell_and_shares_stages(grid):
     assert "rope.kind" in table["B"]["reason"] and "bogus" in table["B"]["reason"]
     assert (repo / "outputs/ablation/logs/co-design-B.log").read_text().count("rope.kind") >= 1
     for L in "ACD":
-        assert table[L]["fid"].startswith("not computed") and float(table[L]["vae_psnr"]) > 0
+        assert table[L]["fid"].startswith("not computed") and float(table[L]["evaluate.vae.psnr"]) > 0
         assert len(table[L]["manifest_sha256"]) == 64 and len(table[L]["exp_rev"]) == 40
     assert table["A"]["manifest_sha256"] == table["C"]["manifest_sha256"] != table["D"]["manifest_sha256"]
     md = (repo / "outputs/ablation/table1.md").read_text()
@@ -293,8 +301,8 @@ def test_grid_survives_a_failed_cell_and_shares_stages(grid):
         assert len(r.data.tags["git_commit"]) == 40
     for L in "ACD":
         assert by[L].info.status == "FINISHED" and len(by[L].data.tags["data.manifest_sha256"]) == 64
-        assert by[L].data.params["objective"] == ablation.MODELS[ablation.CELLS[L][1]]["objective"]
-        assert "ablation.vae_psnr" in by[L].data.metrics
+        assert by[L].data.params["objective"] == codesign.MODELS[codesign.CELLS[L][1]]["objective"]
+        assert "evaluate.vae.psnr" in by[L].data.metrics and "dit_stage2.final_loss" in by[L].data.metrics
     assert by["B"].info.status == "FAILED" and "bogus" in by["B"].data.tags["ablation.reason"]
     [summary] = mlflow_runs(repo, "tags.ablation = 'co-design' and tags.`ultraflux.role` = 'summary'")
     assert summary.info.run_name == "co-design-summary"
@@ -357,5 +365,6 @@ def test_rerun_with_existing_names(grid):
         first = next(r for r in csv.DictReader(fh) if r["variant"] == "A")
     with open(repo / "outputs/ablation-rerun/table1.csv") as fh:
         again = next(csv.DictReader(fh))
-    for k in ("glcm_score_mean", "compression_ratio_mean", "vae_psnr", "dit_stage2_final_loss", "manifest_sha256"):
+    for k in ("evaluate.generation_mean.glcm_score", "evaluate.generation_mean.compression_ratio", "evaluate.vae.psnr",
+              "dit_stage2.final_loss", "manifest_sha256"):
         assert first[k] == again[k], k

@@ -1,43 +1,138 @@
 """params.yaml validation and the paper-profile switch (values checked against the seed)."""
 import copy
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from ultraflux.config import ParamsError, apply_profile, load_params, validate
-from conftest import ROOT
+from conftest import ROOT, copy_project
 
 
 def test_default_params_are_valid(params):
     assert validate(params) is params
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("dit_stage1.steps", -3, "'dit_stage1.steps' must be a positive integer"),
-    ("vae_train.batch_size", 0, "'vae_train.batch_size' must be a positive integer"),
-    ("sample.aspects", ["1:1", "5:7"], "'sample.aspects' has an unknown aspect ratio '5:7'"),
-    ("rope.kind", "alibi", "'rope.kind' must be one of flux, yarn, resonance_yarn"),
-    ("objective", "l1", "'objective' must be one of l2, ultraflux"),
-    ("dit_stage2.t_max", 1200, "'dit_stage2.t_min' and t_max must be integers"),
-    ("data.source", "/no/such/folder", "'data.source' must be a readable folder"),
-    ("curate.aesthetic.keep_top", 1.5, "'curate.aesthetic.keep_top' must be a fraction"),
-])
-def test_bad_value_names_the_key(params, key, value, needle):
+def edited(params, key, value, delete=False):
     bad = copy.deepcopy(params)
     node = bad
     *parents, last = key.split(".")
     for part in parents:
         node = node[part]
-    node[last] = value
-    with pytest.raises(ParamsError, match="params.yaml") as err:
-        validate(bad)
+    if delete:
+        del node[last]
+    else:
+        node[last] = value
+    return bad
+
+
+# (key, wrong value, what the message must say): the edits that were silently accepted or crashed late, and more.
+WRONG_EDITS = [
+    ("dit_stage1.stepz", 5, "'dit_stage1.stepz' is not a known key (did you mean 'dit_stage1.steps'?)"),
+    ("curate.flat.treshold", 1, "'curate.flat.treshold' is not a known key (did you mean 'curate.flat.threshold'?)"),
+    ("vae_train.checkpoint_every", 0, "'vae_train.checkpoint_every' must be greater than or equal to 1"),
+    ("curate.max_image_pixels", "big", "'curate.max_image_pixels' must be a valid integer"),
+    ("curate.entropy_min", 70, "'curate.entropy_min' must be less than or equal to 8"),
+    ("rope.snap_all_bands", "maybe", "'rope.snap_all_bands' must be a valid boolean"),
+    ("judge.timeout_s", -5, "'judge.timeout_s' must be greater than 0"),
+    ("loss.levels", 0, "'loss.levels' must be greater than or equal to 1"),
+    ("model.tiny.axes_dims_rope", "x", "'model.tiny.axes_dims_rope' must be a valid list"),
+    ("model.tiny.axes_dims_rope", [4, 6, 8], "must sum to attention_head_dim"),
+    ("dit_stage1.steps", -3, "'dit_stage1.steps' must be greater than or equal to 1"),
+    ("dit_stage1.steps", 5.0, "'dit_stage1.steps' must be a valid integer"),
+    ("dit_stage1.lr", "1e-4", "'dit_stage1.lr' must be a valid number"),
+    ("vae_train.batch_size", 0, "'vae_train.batch_size' must be greater than or equal to 1"),
+    ("vae_train.resolution", 100, "'vae_train.resolution' must be a multiple of 16"),
+    ("sample.aspects", ["1:1", "5:7"], "'sample.aspects[1]' must be '1:1'"),
+    ("rope.kind", "alibi", "'rope.kind' must be 'flux', 'yarn' or 'resonance_yarn'"),
+    ("objective", "l1", "'objective' must be 'l2' or 'ultraflux'"),
+    ("dit_stage2.t_max", 1200, "'dit_stage2.t_max' must be less than or equal to 999"),
+    ("dit_stage2.t_min", 500, "'dit_stage2': t_min (500) must not exceed t_max (459)"),
+    ("data.source", "/no/such/folder", "'data.source' must be a readable folder of images"),
+    ("curate.aesthetic.keep_top", 1.5, "'curate.aesthetic.keep_top' must be less than or equal to 1"),
+    ("curate.aesthetic.stage2_top", 0.5, "stage2_top (0.5) must not exceed keep_top (0.3)"),
+    ("loss.c_min", 2.0, "'loss': c_min (2.0) must not exceed c_max (1.0)"),
+    ("seed", -1, "'seed' must be greater than or equal to 0"),
+    ("curate.workers", -1, "'curate.workers' must be greater than or equal to 0"),
+    ("curate.holdout_fraction", 1.0, "'curate.holdout_fraction' must be less than 1"),
+    ("curate.engine", "spark", "'curate.engine' must be 'local' or 'ray'"),
+    ("sample.prompts", ["a lake", "  "], "'sample.prompts[1]': must not be blank"),
+    ("sample.num_inference_steps", True, "'sample.num_inference_steps' must be a valid integer"),
+    ("refiner.min_words", 200, "'refiner': min_words (200) must not exceed max_words (100)"),
+    ("rope.yarn_beta", 2.0, "yarn_alpha (1.25) must exceed yarn_beta (2.0)"),
+    ("model.pretrained", "/no/such/flux", "'model.pretrained' must be a local diffusers-format directory"),
+    ("tracking.experiment", "", "'tracking.experiment': must not be blank"),
+    ("diagnostic", {"x": 1}, "'diagnostic' is not a known key"),
+]
+
+
+@pytest.mark.parametrize("key,value,needle", WRONG_EDITS, ids=[f"{k}={v!r}" for k, v, _ in WRONG_EDITS])
+def test_wrong_edit_is_refused_naming_the_key(params, key, value, needle):
+    with pytest.raises(ParamsError) as err:
+        validate(edited(params, key, value), "other.yaml")
     assert needle in str(err.value)
+    assert all(line.startswith("other.yaml: ") for line in str(err.value).splitlines()[1:] or [str(err.value)])
+
+
+def test_all_problems_are_reported_at_once(params):
+    bad = edited(edited(edited(params, "dit_stage1.stepz", 5), "loss.levels", 0), "judge.timeout_s", -5)
+    with pytest.raises(ParamsError) as err:
+        validate(bad, "other.yaml")
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 problems" and len(err.value.problems) == 3
+    assert {ln.split("'")[1] for ln in lines[1:]} == {"dit_stage1.stepz", "loss.levels", "judge.timeout_s"}
+
+
+def test_workers_zero_means_every_core(params):
+    validate(edited(params, "curate.workers", 0))
 
 
 def test_missing_key_is_named(params):
-    bad = copy.deepcopy(params)
-    del bad["dit_stage1"]["lr"]
     with pytest.raises(ParamsError, match="missing key 'dit_stage1.lr'"):
-        validate(bad)
+        validate(edited(params, "dit_stage1.lr", None, delete=True))
+
+
+def test_cli_check_names_the_file_it_read(tmp_path):
+    bad = tmp_path / "other.yaml"
+    bad.write_text((ROOT / "params.yaml").read_text().replace("  steps: 60 ", "  stepz: 60 ", 1))
+    ultraflux = Path(sys.executable).with_name("ultraflux")
+    proc = subprocess.run([str(ultraflux), "params", "check", "--params", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{bad}: 'dit_stage1.stepz' is not a known key (did you mean 'dit_stage1.steps'?)" in proc.stderr
+    ok = subprocess.run([str(ultraflux), "params", "check", "--params", str(ROOT / "params.yaml")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_stage_refuses_bad_params_before_any_work(tmp_path):
+    """A stage with a wrong key exits 2 naming it, and writes no output, no MLflow store."""
+    copy_project(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(params.read_text().replace("entropy_min: 7.0", "entropy_min: 70", 1))
+    proc = subprocess.run([sys.executable, "stages/curate.py"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "DVC_ROOT": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr
+    assert "params.yaml: 'curate.entropy_min' must be less than or equal to 8 (got 70)" in proc.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_stage_refuses_an_unwritable_output(tmp_path):
+    copy_project(tmp_path)
+    (tmp_path / "outputs").write_text("a file where the outputs folder should be")
+    proc = subprocess.run([sys.executable, "stages/curate.py"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "DVC_ROOT": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "dvc.yaml: output 'outputs/curated' cannot be created" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_schema_aspects_are_the_bucket_table():
+    from ultraflux.data.buckets import DEFAULT_ASPECTS
+    from ultraflux.schema import ASPECTS
+
+    assert list(ASPECTS) == list(DEFAULT_ASPECTS)
 
 
 def test_unquoted_aspects_read_as_yaml_1_2(tmp_path):

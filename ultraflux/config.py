@@ -1,39 +1,52 @@
-"""params.yaml: loading, validation (errors name the key), and the paper-profile switch.
+"""params.yaml: loading (YAML 1.2), validation against the schema (``ultraflux.schema``), the paper-profile switch.
 
-`load_params()` reads params.yaml, `validate()` checks every key the pipeline reads *before* any work starts and raises
-`ParamsError("params.yaml: <key> ...")`. `apply_profile()` rewrites params.yaml in place with the values of a profile
-file (e.g. configs/paper-4k.yaml), keeping the comments, so the paper's configuration is one command away.
+``validate(params, source)`` checks every key before any work and raises one :class:`ParamsError` listing ALL
+problems, each naming the file read and the full key::
+
+    other.yaml: 'dit_stage1.stepz' is not a known key (did you mean 'dit_stage1.steps'?)
+    other.yaml: 'vae_train.checkpoint_every' must be greater than or equal to 1 (got 0)
+
+``apply_profile()`` rewrites params.yaml in place with the values of a profile file (e.g. configs/paper-4k.yaml),
+keeping the comments, after validating the result with the same schema.
 """
 from __future__ import annotations
 
+import difflib
+import io
 import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
+from ultraflux.io import atomic_path
+from ultraflux.schema import Params
+
 PARAMS_FILE = "params.yaml"
-ROPE_KINDS = ("flux", "yarn", "resonance_yarn")
-OBJECTIVES = ("l2", "ultraflux")
-VARIANTS = ("multiaspect", "baseline")
-ENGINES = ("local", "ray")
-DIT_STAGES = ("dit_stage1", "dit_stage2")
-DIT_SUBSETS = ("all", "aesthetic_top")
+
+# Keys naming a local folder (or file) that must exist when set; "" means "not used".
+PATH_KEYS = {
+    "model.pretrained": "a local diffusers-format directory (or \"\" for the tiny model)",
+    "model.vae_pretrained": "a local diffusers-format VAE directory (or \"\" for the tiny VAE)",
+    "curate.quality.weights": "a local Q-Align checkpoint directory (or \"\" for the named stand-in)",
+    "curate.aesthetic.weights": "a local ArtiMuse checkpoint directory (or \"\" for the named stand-in)",
+    "vae_train.lpips_weights": "a local folder with the LPIPS VGG weights (or \"\" for the named stand-in)",
+    "evaluate.fid_inception_weights": "a local Inception weights file (or \"\" to skip FID)",
+    "evaluate.lpips_weights": "a local LPIPS weights folder (or \"\")",
+    "evaluate.hpsv3_weights": "a local HPSv3 checkpoint (or \"\")",
+    "evaluate.artimuse_weights": "a local ArtiMuse checkpoint (or \"\")",
+    "evaluate.qalign_weights": "a local Q-Align checkpoint (or \"\")",
+}
 
 
 class ParamsError(ValueError):
-    """A params.yaml value is missing or invalid; the message names the key."""
+    """One or more params values are missing or invalid; the message names the file and every key."""
 
-
-def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: not found (run from the repository root)")
-    try:
-        params = parse_yaml(path.read_text())
-    except Exception as e:  # ruamel's parser and scanner errors share no public base class
-        raise ParamsError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(params, dict):
-        raise ParamsError(f"{path}: top level must be a mapping")
-    return params
+    def __init__(self, problems: list[str] | str, source: str | os.PathLike = PARAMS_FILE):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = str(source)
+        lines = [f"{self.source}: {p}" for p in self.problems]
+        super().__init__(lines[0] if len(lines) == 1 else f"{len(lines)} problems\n" + "\n".join(lines))
 
 
 def parse_yaml(text: str) -> Any:
@@ -43,122 +56,112 @@ def parse_yaml(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(text)
 
 
+def load_params(path: str | os.PathLike = PARAMS_FILE, missing_ok: bool = False) -> dict:
+    """The parsed params file (not yet validated); ``missing_ok`` returns {} for a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise ParamsError("not found (run from the repository root, or pass --params)", path)
+    try:
+        params = parse_yaml(path.read_text())
+    except Exception as e:  # ruamel's parser and scanner errors share no public base class
+        raise ParamsError(f"not valid YAML: {e}", path) from e
+    if not isinstance(params, dict):
+        raise ParamsError("the top level must be a mapping of sections", path)
+    return params
+
+
 def get(params: dict, key: str) -> Any:
     """``get(p, "dit_stage1.steps")``; a missing key raises ParamsError naming it."""
     node: Any = params
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ParamsError(f"params.yaml: missing key '{key}'")
+            raise ParamsError(f"missing key '{key}'")
         node = node[part]
     return node
 
 
-def _fail(key: str, msg: str, value: Any) -> None:
-    raise ParamsError(f"params.yaml: '{key}' {msg} (got {value!r})")
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _positive_int(p: dict, key: str, allow_zero: bool = False) -> None:
-    v = get(p, key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-        _fail(key, "must be a " + ("non-negative" if allow_zero else "positive") + " integer", v)
+def _siblings(loc: tuple) -> list[str]:
+    """Field names of the schema model that holds ``loc[-1]``."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        sub = field.annotation if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        model = sub
+    return list(model.model_fields)
 
 
-def _positive_float(p: dict, key: str) -> None:
-    v = get(p, key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        _fail(key, "must be a positive number", v)
+def _describe(err: dict) -> str:
+    loc, kind = tuple(err["loc"]), err["type"]
+    key = _dotted(loc)
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _siblings(loc), n=1, cutoff=0.5)
+        hint = f" (did you mean '{_dotted(loc[:-1] + (close[0],))}'?)" if close else ""
+        return f"'{key}' is not a known key{hint}"
+    if kind == "missing":
+        return f"missing key '{key}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error" or not loc:   # a cross-key rule of a whole section
+        return f"'{key or 'params'}': {msg}"
+    msg = msg[0].lower() + msg[1:] if msg.startswith("Input should") else msg
+    msg = msg.replace("input should", "must").replace("Input should", "must")
+    return f"'{key}' {msg} (got {err['input']!r})"
 
 
-def _fraction(p: dict, key: str) -> None:
-    v = get(p, key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-        _fail(key, "must be a fraction in (0, 1]", v)
+def _path_problems(params: dict) -> list[str]:
+    problems = []
+    for key, what in PATH_KEYS.items():
+        try:
+            value = get(params, key)
+        except ParamsError:
+            continue
+        if value and isinstance(value, str) and not Path(value).exists():
+            problems.append(f"'{key}' must be {what}; {value!r} does not exist")
+    source = (params.get("data") or {}).get("source") if isinstance(params.get("data"), dict) else None
+    if source and isinstance(source, str):
+        p = Path(source)
+        table = p.is_file() and p.suffix.lower() in (".csv", ".parquet")
+        if not table and not (p.is_dir() and os.access(p, os.R_OK | os.X_OK)):
+            problems.append(f"'data.source' must be a readable folder of images or a .csv/.parquet table "
+                            f"(or \"\" for the generated set); {source!r} is not")
+    return problems
 
 
-def _choice(p: dict, key: str, choices: tuple[str, ...]) -> None:
-    v = get(p, key)
-    if v not in choices:
-        _fail(key, f"must be one of {', '.join(choices)}", v)
+def validate(params: dict, source: str | os.PathLike = PARAMS_FILE, check_paths: bool = True) -> dict:
+    """Check ``params`` against the schema (and, with ``check_paths``, that configured paths exist).
 
-
-def validate(params: dict, check_paths: bool = True) -> dict:
-    """Check every key the pipeline reads; with ``check_paths`` also that configured folders exist."""
-    from ultraflux.data.buckets import bucket_table
-
-    p = params
-    _positive_int(p, "seed", allow_zero=True)
-    _choice(p, "data.variant", VARIANTS)
-    source = get(p, "data.source")
-    if check_paths and source and not (Path(source).is_dir() and os.access(source, os.R_OK | os.X_OK)):
-        _fail("data.source", "must be a readable folder of images (or \"\" for the generated set)", source)
-    _positive_int(p, "data.synthetic.num_images")
-    _positive_int(p, "data.synthetic.long_side")
-    _choice(p, "curate.engine", ENGINES)
-    _positive_int(p, "curate.workers")
-    _positive_int(p, "curate.flat.patch")
-    _positive_float(p, "curate.flat.threshold")
-    _fraction(p, "curate.flat.max_fraction")
-    _positive_float(p, "curate.entropy_min")
-    _fraction(p, "curate.aesthetic.keep_top")
-    _fraction(p, "curate.aesthetic.stage2_top")
-    _fraction(p, "curate.quality.standin_keep_fraction")
-    _fraction(p, "curate.holdout_fraction")
-    _positive_float(p, "curate.buckets.scale")
-    _positive_float(p, "curate.max_upscale")
-    known = bucket_table(1.0)
-    for key in ("curate.buckets.aspects", "sample.aspects"):
-        aspects = get(p, key)
-        if not isinstance(aspects, list) or not aspects:
-            _fail(key, "must be a non-empty list of aspect ratios", aspects)
-        for a in aspects:
-            if a not in known:
-                _fail(key, f"has an unknown aspect ratio {a!r} (quote ratios in YAML: \"16:9\"); "
-                      f"known: {', '.join(known)}", aspects)
-
-    _choice(p, "rope.kind", ROPE_KINDS)
-    _positive_int(p, "rope.theta")
-    _positive_int(p, "rope.train_len")
-    _positive_float(p, "rope.max_scale")
-    _choice(p, "objective", OBJECTIVES)
-    _positive_float(p, "loss.c_min")
-    _positive_float(p, "loss.c_max")
-    if get(p, "loss.c_min") > get(p, "loss.c_max"):
-        _fail("loss.c_min", "must not exceed loss.c_max", get(p, "loss.c_min"))
-    tiny = get(p, "model.tiny")
-    if sum(tiny["axes_dims_rope"]) != tiny["attention_head_dim"]:
-        _fail("model.tiny.axes_dims_rope", "must sum to model.tiny.attention_head_dim", tiny["axes_dims_rope"])
-    for key in ("model.pretrained", "model.vae_pretrained"):
-        v = get(p, key)
-        if check_paths and v and not Path(v).is_dir():
-            _fail(key, "must be a local diffusers-format directory (or \"\" for the tiny model)", v)
-
-    for key in ("vae_train.steps", "vae_train.resolution", "vae_train.batch_size", "vae_train.grad_accum",
-                "vae_train.eval_every"):
-        _positive_int(p, key)
-    if get(p, "vae_train.resolution") % 16:
-        _fail("vae_train.resolution", "must be a multiple of 16 (F16 VAE)", get(p, "vae_train.resolution"))
-    for key in ("vae_train.lr", "vae_train.lambda_l2"):
-        _positive_float(p, key)
-    _fraction(p, "vae_train.flat_top_fraction")
-    for stage in DIT_STAGES:
-        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
-            _positive_int(p, f"{stage}.{key}")
-        _positive_float(p, f"{stage}.lr")
-        _positive_float(p, f"{stage}.shift")
-        _choice(p, f"{stage}.subset", DIT_SUBSETS)
-        t_min, t_max = get(p, f"{stage}.t_min"), get(p, f"{stage}.t_max")
-        if not (isinstance(t_min, int) and isinstance(t_max, int) and 0 <= t_min <= t_max <= 999):
-            _fail(f"{stage}.t_min", "and t_max must be integers with 0 <= t_min <= t_max <= 999", (t_min, t_max))
-    prompts = get(p, "sample.prompts")
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) and x.strip() for x in prompts):
-        _fail("sample.prompts", "must be a non-empty list of non-empty strings", prompts)
-    _positive_int(p, "sample.num_inference_steps")
-    _positive_float(p, "sample.guidance_scale")
+    Returns ``params`` unchanged; raises :class:`ParamsError` listing every problem, each naming ``source``.
+    """
+    problems: list[str] = []
+    try:
+        Params.model_validate(params)
+    except ValidationError as e:
+        problems += [_describe(err) for err in e.errors(include_url=False)]
+    if check_paths:
+        problems += _path_problems(params)
+    if problems:
+        raise ParamsError(problems, source)
     return params
 
 
+def load_validated(path: str | os.PathLike = PARAMS_FILE, check_paths: bool = True) -> dict:
+    return validate(load_params(path), path, check_paths)
+
+
 def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLike = PARAMS_FILE) -> list[str]:
-    """Overwrite the keys named in ``profile_path`` inside ``params_path`` (comments kept). Returns changed keys."""
+    """Overwrite the keys named in ``profile_path`` inside ``params_path`` (comments kept). Returns changed keys.
+
+    The result is validated with the schema before anything is written."""
     from ruamel.yaml import YAML
 
     rt = YAML()
@@ -168,28 +171,31 @@ def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLik
     doc = rt.load(params_path.read_text())
     overlay = rt.load(Path(profile_path).read_text()) or {}  # round-trip load keeps "16:9" quoted
     changed: list[str] = []
+    unknown: list[str] = []
 
     def merge(dst, src, prefix=""):
         for k, v in src.items():
             key = f"{prefix}{k}"
             if isinstance(v, dict) and isinstance(dst.get(k), dict):
                 merge(dst[k], v, key + ".")
+            elif k not in dst:
+                unknown.append(f"'{key}' does not exist in {params_path}")
             else:
-                if k not in dst:
-                    raise ParamsError(f"{profile_path}: key '{key}' does not exist in {params_path}")
                 if dst[k] != v:
                     changed.append(key)
                 dst[k] = v
 
     merge(doc, overlay)
-    validate(parse_yaml(_dump(rt, doc)), check_paths=False)
-    params_path.write_text(_dump(rt, doc))
+    if unknown:
+        raise ParamsError(unknown, profile_path)
+    text = _dump(rt, doc)
+    validate(parse_yaml(text), f"{params_path} + {profile_path}", check_paths=False)
+    with atomic_path(params_path) as tmp:
+        tmp.write_text(text)
     return changed
 
 
 def _dump(rt, doc) -> str:
-    import io
-
     buf = io.StringIO()
     rt.dump(doc, buf)
     return buf.getvalue()

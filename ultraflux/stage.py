@@ -1,4 +1,14 @@
-"""What every DVC stage does around its library call: params, validation, MLflow child run, metrics JSON.
+"""What every DVC stage does around its library call: params, checks, MLflow child run, results and metrics files.
+
+``run_stage(stage, fn)`` (used by every ``stages/*.py``):
+
+1. validates the whole params file against the schema (``ultraflux.config``) and checks that the stage's declared
+   outputs (dvc.yaml) are writable, all BEFORE any work; problems are printed together and the stage exits with 2;
+2. runs ``fn(params, logger)`` inside the stage's MLflow child run;
+3. writes what ``fn`` returned: all of it to ``outputs/results/<stage>.json`` (and to MLflow: numbers as metrics,
+   strings as tags), and only the stage's few headline numbers (``HEADLINE``) to ``metrics/<stage>.json``, the DVC
+   metrics file, so ``dvc exp show`` stays a few dozen readable numeric columns. The headline numbers also go onto
+   the pipeline's parent run as ``<stage>.<metric>`` (MLflow's Compare view of executions).
 
 ``STAGE_PARAMS`` lists the params.yaml keys each stage reads; dvc.yaml lists exactly these (a test checks), so
 editing a DiT key re-runs only the DiT stages and what follows them.
@@ -11,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ultraflux.config import ParamsError, get, load_params, validate
-from ultraflux.io import write_json
+from ultraflux.config import ParamsError, get, load_validated, parse_yaml
+from ultraflux.io import sha256_file, write_json
 from ultraflux.tracking import NullLogger, flatten, stage_run
 
 STAGE_PARAMS: dict[str, list[str]] = {
@@ -26,9 +36,25 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "judge": ["judge"],
     "report": [],
 }
+# The DVC metrics of each stage (dotted keys into what the stage returns): the numbers worth a column.
+HEADLINE: dict[str, list[str]] = {
+    "curate": ["num_sources", "num_kept", "num_train", "num_holdout", "num_stage2", "kept_fraction"],
+    "vae": ["final_loss", "holdout_psnr", "holdout_ssim"],
+    "diagnostics": ["wavelet.LL.energy_share", "rope.max_closure_error_resonance"],
+    "dit_stage1": ["final_loss", "final_val_loss"],
+    "dit_stage2": ["final_loss", "final_val_loss"],
+    "evaluate": ["vae.psnr", "vae.ssim", "vae.nmse"] + [f"generation_mean.{k}" for k in (
+        "fid", "hpsv3", "qalign", "artimuse", "glcm_score", "compression_ratio", "standin_fd_thumb8")],
+    "judge": ["judged", "win_rate_a", "tie_rate"],
+}
+# Stages that consume (or produce) the curated dataset log its manifest as an MLflow dataset input.
+DATASET_CONTEXT = {"curate": "curation", "vae": "training", "dit_stage1": "training", "dit_stage2": "training",
+                   "evaluate": "evaluation"}
+MANIFEST = Path("outputs/curated/manifest.parquet")
 METRICS_DIR = Path("metrics")
-# Wall-clock figures vary run to run, so they stay out of the DVC metrics (same params -> same metrics) and go to
-# MLflow (``wall_time_s`` of each stage run) and to the untracked timings/ folder that the report reads.
+RESULTS_DIR = Path("outputs/results")
+# Wall-clock figures vary run to run, so they stay out of the DVC metrics and results (same params -> same files)
+# and go to MLflow (``wall_time_s`` of each stage run) and to the untracked timings/ folder that the report reads.
 TIMINGS_DIR = Path("timings")
 TIMING_KEY = "_timing"  # a stage returns its own timing figures under this key
 
@@ -37,10 +63,52 @@ def stage_params(params: dict, stage: str) -> dict:
     return {key: get(params, key) for key in STAGE_PARAMS[stage]}
 
 
+def declared_outputs(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> list[str]:
+    """The outs, metrics and plots dvc.yaml declares for ``stage`` ([] outside a DVC project)."""
+    path = Path(dvc_yaml)
+    if not path.is_file():
+        return []
+    spec = (parse_yaml(path.read_text()).get("stages") or {}).get(stage) or {}
+    return [next(iter(item)) if isinstance(item, dict) else str(item)
+            for section in ("outs", "metrics", "plots") for item in (spec.get(section) or [])]
+
+
+def unwritable(paths: list[str]) -> list[str]:
+    """One problem per output this process could not create or replace (DVC deletes and recreates outputs, so the
+    folder holding each must be a writable directory)."""
+    problems = []
+    for p in paths:
+        path = Path(p).absolute()
+        holder = path.parent if path.exists() else next(a for a in path.parents if a.exists())
+        if not holder.is_dir():
+            problems.append(f"output '{p}' cannot be created: {holder} is a file, not a folder")
+        elif not os.access(holder, os.W_OK | os.X_OK):
+            problems.append(f"output '{p}' cannot be written: {holder} is not writable")
+    return problems
+
+
+def headline(stage: str, result: dict) -> dict:
+    """The stage's DVC metrics as a nested dict (only the HEADLINE keys that are numbers)."""
+    flat = flatten(result)
+    out: dict = {}
+    for key in HEADLINE.get(stage, []):
+        value = flat.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            node = out
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+    return out
+
+
 def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str = "params.yaml") -> dict:
-    """Load + validate params, run ``fn(params, logger)`` inside the stage's MLflow run, write metrics/<stage>.json."""
+    """Validate, run ``fn(params, logger)`` inside the stage's MLflow run, write results and metrics (module doc)."""
     try:
-        params = validate(load_params(params_path))
+        params = load_validated(params_path)
+        problems = unwritable(declared_outputs(stage))
+        if problems:
+            raise ParamsError(problems, "dvc.yaml")
     except ParamsError as e:
         print(f"[{stage}] {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -48,14 +116,17 @@ def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str =
         return fn(params, NullLogger()) or {}
     t0 = time.time()
     with stage_run(stage, params, stage_params(params, stage)) as logger:
-        metrics = fn(params, logger) or {}
-        timing = {"wall_time_s": round(time.time() - t0, 3), **metrics.pop(TIMING_KEY, {})}
-        logger.log_metrics(_numeric(metrics))
-        logger.set_tags({f"{stage}.{k}": v for k, v in flatten(metrics).items() if isinstance(v, str)})
-        write_json(METRICS_DIR / f"{stage}.json", metrics)
+        result = fn(params, logger) or {}
+        timing = {"wall_time_s": round(time.time() - t0, 3), **result.pop(TIMING_KEY, {})}
+        flat = flatten(result)
+        logger.log_metrics({k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        logger.set_tags({f"{stage}.{k}": v for k, v in flat.items() if isinstance(v, (str, bool))})
+        metrics = headline(stage, result)
+        logger.log_summary({f"{stage}.{k}": v for k, v in flatten(metrics).items()})
+        if stage in DATASET_CONTEXT and MANIFEST.is_file():
+            logger.log_dataset(MANIFEST, sha256_file(MANIFEST), context=DATASET_CONTEXT[stage])
+        write_json(RESULTS_DIR / f"{stage}.json", result)
+        if stage in HEADLINE:
+            write_json(METRICS_DIR / f"{stage}.json", metrics)
         write_json(TIMINGS_DIR / f"{stage}.json", timing)
-    return metrics
-
-
-def _numeric(d: dict) -> dict:
-    return {k: v for k, v in flatten(d).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return result

@@ -8,6 +8,11 @@ A *pipeline execution* is one ``dvc repro`` / ``dvc exp run`` process: stages ru
 key ``<host>:<dvc pid>:<dvc start time>`` (plus ``DVC_EXP_NAME``) identifies it. The first stage of an execution
 creates the parent run (tagged with it, the git commit and the experiment name); later stages attach to it.
 Outside DVC each stage gets a parent of its own.
+
+Parallel writers (``dvc exp run`` queue workers with ``-j 2``, several stages at once) share the store: it is created
+or upgraded once, under a file lock (:func:`ensure_store`), in WAL mode. A run left RUNNING by a killed process (same
+host, process gone) is marked KILLED the next time a stage starts. Each stage also logs its headline numbers onto
+the parent run (``<stage>.<metric>``), so MLflow's Compare view of pipeline executions shows them side by side.
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ import os
 import socket
 import subprocess
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import psutil
+from filelock import FileLock
 
 EXECUTION_TAG = "ultraflux.execution"
 STAGE_TAG = "ultraflux.stage"
@@ -38,6 +45,27 @@ def repo_root() -> Path:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def ensure_store(uri: str | None = None) -> str:
+    """Create or upgrade a sqlite store once, under a file lock; other processes wait, then find it ready.
+
+    Two processes opening a new store at once both run MLflow's schema migrations and one fails ("duplicate column
+    name"); the lock serialises that first open. WAL lets readers proceed while one process writes."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return uri
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=600):
+        MlflowClient(uri).search_experiments(max_results=1)   # creates or migrates the tables
+        with sqlite3.connect(db, timeout=60) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    return uri
 
 
 def git_commit() -> str:
@@ -85,7 +113,7 @@ def run_tags(params: dict) -> dict[str, str]:
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-    from ultraflux.ablation import ablation_tags  # ablation=co-design, variant=A..D for experiments co-design-<L>
+    from ultraflux.codesign import ablation_tags  # ablation=co-design, variant=A..D for co-design-<L>
 
     tags.update(ablation_tags(params, os.environ.get("DVC_EXP_NAME")))
     for item in filter(None, os.environ.get("ULTRAFLUX_RUN_TAGS", "").split(",")):
@@ -97,8 +125,8 @@ def run_tags(params: dict) -> dict[str, str]:
 class StageLogger:
     """What a stage logs through: thin over MlflowClient so library code needs no global MLflow state."""
 
-    def __init__(self, client, run_id: str):
-        self.client, self.run_id = client, run_id
+    def __init__(self, client, run_id: str, parent_id: str | None = None):
+        self.client, self.run_id, self.parent_id = client, run_id, parent_id
 
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         ts = int(time.time() * 1000)
@@ -108,6 +136,29 @@ class StageLogger:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_summary(self, metrics: dict[str, Any]) -> None:
+        """Headline numbers onto the pipeline's parent run (what MLflow's Compare view of executions shows)."""
+        if self.parent_id:
+            StageLogger(self.client, self.parent_id).log_metrics(metrics)
+
+    def log_dataset(self, path: str | os.PathLike, digest: str, name: str = "curated", context: str = "training",
+                    rows: int | None = None) -> None:
+        """Record a dataset file (e.g. the curated manifest) as an MLflow dataset input of this run and its parent.
+
+        Metadata only (source path, digest, row count): nothing is loaded or copied."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(Path(path).resolve().as_uri())
+        dataset = MetaDataset(source, name=name, digest=digest[:36])._to_mlflow_entity()
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)] + ([InputTag("rows", str(rows))] if rows is not None else [])
+        for run_id in filter(None, (self.run_id, self.parent_id)):
+            self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -141,19 +192,49 @@ class NullLogger(StageLogger):
     def log_metrics(self, metrics, step=None): ...
     def log_params(self, params): ...
     def set_tags(self, tags): ...
+    def log_summary(self, metrics): ...
+    def log_dataset(self, path, digest, name="curated", context="training", rows=None): ...
     def log_image(self, image, key, step=0): ...
     def log_artifact(self, path, artifact_path=None): ...
 
 
-def _experiment_id(client, name: str) -> str:
+# A classic ML experiment: MLflow's UI then opens it on the runs table, not on the GenAI traces page.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    artifacts = (repo_root() / "mlartifacts").as_uri()
+    if exp is None:
+        artifacts = (repo_root() / "mlartifacts").as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently by another stage process
+            exp = client.get_experiment_by_name(name)
+    if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+        client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND["mlflow.experimentKind"])
+    return exp.experiment_id
+
+
+def _process_alive(key: str) -> bool | None:
+    """Is the process of an execution key (``host:pid:start[:exp]``) still running? None: another host."""
+    host, pid, started = (key.split(":") + ["", "", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
     try:
-        return client.create_experiment(name, artifact_location=artifacts)
-    except Exception:  # created concurrently by another stage process
-        return client.get_experiment_by_name(name).experiment_id
+        return int(psutil.Process(int(pid)).create_time()) == int(started)
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def mark_killed(client, exp_id: str) -> list[str]:
+    """Runs left RUNNING by a process of this host that no longer exists -> KILLED. Returns their ids."""
+    killed = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        key = run.data.tags.get(EXECUTION_TAG, "")
+        if key and _process_alive(key) is False:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run.info.run_id)
+    return killed
 
 
 @contextmanager
@@ -162,8 +243,9 @@ def stage_run(stage: str, params: dict, stage_params: dict | None = None) -> Ite
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    client = MlflowClient(tracking_uri())
-    exp_id = _experiment_id(client, params.get("tracking", {}).get("experiment", "ultraflux"))
+    client = MlflowClient(ensure_store())
+    exp_id = experiment_id(client, params.get("tracking", {}).get("experiment", "ultraflux"))
+    mark_killed(client, exp_id)
     key = execution_key()
     tags = run_tags(params)
     found = client.search_runs([exp_id], max_results=1,
@@ -179,7 +261,7 @@ def stage_run(stage: str, params: dict, stage_params: dict | None = None) -> Ite
     client.update_run(parent_id, status="RUNNING")
     child = client.create_run(exp_id, run_name=stage, tags={**tags, MLFLOW_PARENT_RUN_ID: parent_id,
                                                               STAGE_TAG: stage, EXECUTION_TAG: key, ROLE_TAG: "stage"})
-    logger = StageLogger(client, child.info.run_id)
+    logger = StageLogger(client, child.info.run_id, parent_id)
     if stage_params:
         logger.log_params(stage_params)
     t0 = time.time()

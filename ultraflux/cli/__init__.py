@@ -30,9 +30,13 @@ def cli_profile(argv: list[str]) -> int:
     ap.add_argument("profile", help="a YAML file of params.yaml keys to overwrite, e.g. configs/paper-4k.yaml")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    from ultraflux.config import apply_profile
+    from ultraflux.config import ParamsError, apply_profile
 
-    changed = apply_profile(args.profile, args.params)
+    try:
+        changed = apply_profile(args.profile, args.params)
+    except ParamsError as e:
+        print(e, file=sys.stderr)
+        return 2
     print(f"{args.params}: {len(changed)} keys set from {args.profile}" + "".join(f"\n  {k}" for k in changed))
     return 0
 
@@ -42,10 +46,10 @@ def cli_params(argv: list[str]) -> int:
     ap.add_argument("action", choices=["check"])
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    from ultraflux.config import ParamsError, load_params, validate
+    from ultraflux.config import ParamsError, load_validated
 
     try:
-        validate(load_params(args.params))
+        load_validated(args.params)
     except ParamsError as e:
         print(e, file=sys.stderr)
         return 2

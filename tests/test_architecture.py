@@ -1,0 +1,115 @@
+"""Static checks of the code's shape: no import cycle, layers that point one way, and complete DVC stage deps.
+
+The import graph comes from grimp (the library behind import-linter); it includes imports inside functions, so a
+lazy import that closes a cycle counts as one.
+"""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+import yaml
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return grimp.build_graph("ultraflux", cache_dir=None)
+
+
+def find_cycle(graph) -> list[str] | None:
+    """A module-level import cycle inside the package (as a path a -> ... -> a), or None."""
+    state: dict[str, int] = {}   # 1 = on the current path, 2 = done
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.find_modules_directly_imported_by(m)):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph.modules):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_cycle(graph):
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_sees_a_lazy_import_cycle():
+    g = grimp.ImportGraph()
+    for m in ("pkg", "pkg.a", "pkg.b", "pkg.c"):
+        g.add_module(m)
+    g.add_import(importer="pkg.a", imported="pkg.b")
+    g.add_import(importer="pkg.b", imported="pkg.c")
+    assert find_cycle(g) is None
+    g.add_import(importer="pkg.c", imported="pkg.a")
+    assert find_cycle(g) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
+
+
+def test_layers_point_one_way():
+    """The import-linter contract in pyproject.toml (data/models/losses below training/evaluation/sampling below
+    stages and cli; config and io at the bottom)."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------- dvc.yaml deps
+def _is_trivial_init(path: Path) -> bool:
+    """A package __init__ holding only a docstring and constants cannot change a result: not required as a dep."""
+    tree = ast.parse(path.read_text())
+    return path.name == "__init__.py" and all(isinstance(node, (ast.Expr, ast.Assign)) for node in tree.body)
+
+
+def imported_modules(script: Path, graph) -> set[str]:
+    """ultraflux modules a stage script imports (anywhere in it), then everything they import, transitively."""
+    direct = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        direct |= {n for n in names if n in graph.modules}
+    closure = set(direct)
+    for m in direct:
+        closure |= graph.find_upstream_modules(m)
+    for m in list(closure):   # importing a.b.c runs a/__init__ and a/b/__init__
+        parts = m.split(".")
+        closure |= {".".join(parts[:i]) for i in range(1, len(parts))}
+    return closure
+
+
+def module_file(name: str) -> Path:
+    path = ROOT / Path(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def test_every_imported_module_is_a_stage_dep(graph):
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    missing = {}
+    for name, stage in stages.items():
+        script = ROOT / stage["cmd"].split()[1]
+        deps = [str(d) for d in stage.get("deps", [])]
+        assert script.relative_to(ROOT).as_posix() in deps, f"{name}: its script is not a dep"
+        for module in sorted(imported_modules(script, graph)):
+            path = module_file(module)
+            if _is_trivial_init(path):
+                continue
+            rel = path.relative_to(ROOT).as_posix()
+            if not any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps):
+                missing.setdefault(name, []).append(rel)
+    assert not missing, f"modules imported by a stage but not among its dvc.yaml deps: {missing}"

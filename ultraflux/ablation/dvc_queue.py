@@ -1,0 +1,237 @@
+"""Driving DVC for the ablation: queue the cells, run the workers, wait, and read results back.
+
+Steps: (1) remove earlier experiments of the same names on this commit (MLflow keeps their runs), (2) queue the four
+cells with ``dvc exp run --queue -n co-design-<L> -S ...`` in the order A, B, C, D, (3) ``dvc queue start -j JOBS``,
+(4) poll ``dvc queue status`` until all tasks ended or the timeout passed, (5) read everything back: metrics and
+params from ``dvc exp show --json``, failure reasons from ``dvc queue logs``, the curated manifest and the
+validation-loss curves through ``dvc.api`` at the experiment's commit.
+
+Shared stages are not recomputed: DVC's run cache restores a stage whose command, deps and params were already run, so
+curate/vae run once per dataset variant (A computes them for ``baseline``, B for ``multiaspect``; C and D restore
+them). With ``-j 2`` the FIFO order A, B, C, D keeps that property; with ``-j 3`` or more C can start before A has
+finished curating and then computes the same stages again (correct, only slower). The output of ``dvc queue status``
+is parsed (DVC has no JSON for it): the pinned DVC range in pyproject.toml is the one these patterns were read from.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from ultraflux.codesign import cell_sets, exp_name
+
+MANIFEST = "outputs/curated/manifest.parquet"
+VAL_CURVES = {"dit_stage1": "outputs/dit_stage1/val_loss.csv", "dit_stage2": "outputs/dit_stage2/val_loss.csv"}
+
+
+class DvcError(RuntimeError):
+    pass
+
+
+def _dvc(args: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    dvc = Path(sys.executable).with_name("dvc")
+    cmd = [str(dvc) if dvc.exists() else "dvc", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise DvcError(f"{' '.join(['dvc', *args])} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _git(args: list[str], cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+STATUS_RE = re.compile(r"^([0-9a-f]{7})\s+(\S+)\s+.*?\s(\w+)\s*$")
+WORKERS_RE = re.compile(r"Worker status:\s*(\d+) active,\s*(\d+) idle")
+
+
+def parse_queue_status(text: str) -> tuple[dict[str, tuple[str, str]], int]:
+    """``dvc queue status`` output -> ({short task id: (name, status)}, number of workers).
+
+    Status is Queued | Running | Success | Failed."""
+    rows = {}
+    for line in text.splitlines()[1:]:
+        m = STATUS_RE.match(line.strip())
+        if m:
+            rows[m.group(1)] = (m.group(2), m.group(3))
+    w = WORKERS_RE.search(text)
+    return rows, (int(w.group(1)) + int(w.group(2))) if w else -1
+
+
+def queue_status(repo: Path) -> dict[str, tuple[str, str]]:
+    return parse_queue_status(_dvc(["queue", "status"], repo).stdout)[0]
+
+
+def start_workers(repo: Path, jobs: int) -> None:
+    """``dvc queue start -j JOBS``. The worker is a daemon that inherits our stdout/stderr: hand it a log file, not
+    a pipe, or this call would block until the worker exits."""
+    log = repo / ".dvc" / "tmp" / "ultraflux-ablation-worker.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    dvc = Path(sys.executable).with_name("dvc")
+    with open(log, "ab") as fh:
+        subprocess.run([str(dvc) if dvc.exists() else "dvc", "queue", "start", "-j", str(jobs)], cwd=repo,
+                       env={**os.environ, "DVC_NO_ANALYTICS": "1"}, stdin=subprocess.DEVNULL, stdout=fh,
+                       stderr=subprocess.STDOUT, check=True, timeout=300)
+
+
+def exp_show(repo: Path) -> list[dict]:
+    return json.loads(_dvc(["exp", "show", "--json"], repo, timeout=900).stdout)
+
+
+def experiments(show: list[dict], baseline: str) -> list[dict]:
+    """Flatten ``dvc exp show --json`` for one baseline commit: name, rev, task_id, state, data, error."""
+    out = []
+    for base in show:
+        if base.get("rev") != baseline:
+            continue
+        for e in base.get("experiments") or []:
+            rev = (e.get("revs") or [{}])[0]
+            ex = e.get("executor") or {}
+            out.append({"name": e.get("name") or rev.get("name"), "rev": rev.get("rev"),
+                        "task_id": ((ex.get("local") or {}).get("task_id")), "state": ex.get("state"),
+                        "data": rev.get("data") or {}, "error": rev.get("error")})
+    return out
+
+
+def prepare_names(repo: Path, names: list[str], baseline: str) -> None:
+    """Make the names free: earlier experiments of these names on this commit are removed (their MLflow runs stay);
+    finished or failed queue entries of these names are dropped. Running or queued ones are an error."""
+    for e in experiments(exp_show(repo), baseline):
+        if e["name"] not in names:
+            continue
+        if e["state"] in ("queued", "running"):
+            raise DvcError(f"experiment {e['name']} is {e['state']} in the DVC queue; wait for it or "
+                           f"`dvc queue kill {e['name']}` first")
+        if e["state"] in ("failed", "success") and e["task_id"]:
+            _dvc(["queue", "remove", e["task_id"]], repo, check=False)
+        if e["state"] != "failed":
+            _dvc(["exp", "remove", e["name"]], repo, check=False)
+
+
+def queue_cells(repo: Path, letters: Iterable[str], suffix: str, common: list[str],
+                per_cell: dict[str, list[str]]) -> dict[str, str]:
+    """Queue one experiment per cell; returns {letter: short task id}."""
+    before = set(queue_status(repo))
+    ids: dict[str, str] = {}
+    for L in letters:
+        sets = [*cell_sets(L), *common, *per_cell.get(L, [])]
+        args = ["exp", "run", "--queue", "-n", exp_name(L, suffix)]
+        for s in sets:
+            args += ["-S", s]
+        _dvc(args, repo)
+        new = {t: v for t, v in queue_status(repo).items() if t not in before and v[0] == exp_name(L, suffix)}
+        if len(new) != 1:
+            raise DvcError(f"could not find the queue entry of {exp_name(L, suffix)} (found {new})")
+        ids[L] = next(iter(new))
+        before.add(ids[L])
+    return ids
+
+
+def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int = 1, log=print) -> dict[str, str]:
+    """Poll ``dvc queue status`` until every task is Success/Failed or ``timeout`` seconds passed. Should every
+    worker be gone while our tasks are still queued (a worker died, or another user's ``dvc queue stop``), new
+    workers are started."""
+    t0, last, idle_polls = time.time(), None, 0
+    while True:
+        st, workers = parse_queue_status(_dvc(["queue", "status"], repo).stdout)
+        states = {L: st.get(t, ("", "missing"))[1] for L, t in ids.items()}
+        idle_polls = idle_polls + 1 if workers == 0 and "Queued" in states.values() else 0
+        if idle_polls >= 3:
+            log("[ablation] no queue worker left while experiments are queued; starting workers again")
+            start_workers(repo, jobs)
+            idle_polls = 0
+        if states != last:
+            log(f"[ablation] {time.time() - t0:6.0f}s  " + "  ".join(f"{L}:{s}" for L, s in states.items()))
+            last = states
+        if all(s in ("Success", "Failed", "missing") for s in states.values()):
+            return states
+        if time.time() - t0 > timeout:
+            return states
+        time.sleep(poll)
+
+
+def failure_reason(repo: Path, task: str) -> tuple[str, str]:
+    """(one-line reason, full log) of a failed queue task from ``dvc queue logs``."""
+    proc = _dvc(["queue", "logs", task], repo, check=False)
+    text = (proc.stdout or "") + (proc.stderr or "")
+    return reason_from_log(text), text
+
+
+def reason_from_log(text: str) -> str:
+    """The informative lines of a failed experiment's log: the stage's own message, a traceback's last line, and
+    DVC's first ERROR line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    stage_err = [ln for ln in lines if re.match(r"^\[\w+\]", ln)]  # run_stage prints "[stage] params.yaml: ..."
+    errors = list(dict.fromkeys(ln for ln in lines if ln.startswith("ERROR")))
+    tb = [ln for ln in lines if re.match(r"^\w+(Error|Exception)\b", ln)]
+    reason = "; ".join(dict.fromkeys([*stage_err[-1:], *tb[-1:], *errors[:1]])) or (lines[-1] if lines else
+                                                                                      "no log")
+    return reason[:1000]
+
+
+def manifest_sha256(repo: Path, rev: str) -> str:
+    """sha256 of the curated manifest of the experiment commit ``rev``, read through DVC's public API."""
+    import dvc.api
+
+    h = hashlib.sha256()
+    try:
+        with dvc.api.open(MANIFEST, repo=str(repo), rev=rev, mode="rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except Exception:  # noqa: BLE001 - dvc raises many kinds (missing cache, path not tracked at that rev)
+        return "unavailable"
+    return h.hexdigest()
+
+
+def val_curves(repo: Path, rev: str) -> dict[str, list[tuple[int, float]]]:
+    """{stage: [(step, mean validation loss)]} from the experiment's val_loss.csv plots (git-tracked at ``rev``)."""
+    out = {}
+    for stage, path in VAL_CURVES.items():
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+        if proc.returncode == 0:
+            rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+            if rows and "val_loss" in rows[0]:
+                out[stage] = [(int(r["step"]), float(r["val_loss"])) for r in rows]
+    return out
+
+
+def collect(repo: Path, ids: dict[str, str], states: dict[str, str], suffix: str, baseline: str,
+            out_dir: Path) -> dict[str, dict]:
+    """Everything the summary needs, per cell, from ``dvc exp show --json`` and ``dvc queue logs``."""
+    exps = experiments(exp_show(repo), baseline)
+    results: dict[str, dict] = {}
+    for L, task in ids.items():
+        name = exp_name(L, suffix)
+        mine = [e for e in exps if (e["task_id"] or "").startswith(task)] or [e for e in exps if e["name"] == name]
+        e = mine[-1] if mine else None
+        state = states.get(L, "missing")
+        res: dict[str, Any] = {"exp_name": name, "task_id": task, "git_commit": baseline}
+        if state == "Success" and e is not None:
+            data = e["data"]
+            res.update(status="success", exp_rev=e["rev"],
+                       params=((data.get("params") or {}).get("params.yaml") or {}).get("data", {}),
+                       metrics={Path(k).stem: (v or {}).get("data", {}) for k, v in (data.get("metrics") or {})
+                                .items()},
+                       manifest_sha256=manifest_sha256(repo, e["rev"]), val_curves=val_curves(repo, e["rev"]))
+        elif state == "Failed":
+            reason, log_text = failure_reason(repo, task)
+            (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (out_dir / "logs" / f"{name}.log").write_text(log_text)
+            res.update(status="failed", reason=reason)
+        elif state in ("Queued", "Running"):
+            res.update(status="timed out", reason=f"still {state.lower()} when --timeout passed; killed")
+        else:
+            res.update(status="missing", reason=f"queue state {state!r}")
+        results[L] = res
+    return results
+
+

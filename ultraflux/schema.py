@@ -1,0 +1,303 @@
+"""The typed schema of params.yaml: one pydantic model per section, every key with its type, range and seed source.
+
+``Params.model_validate(yaml_dict)`` accepts exactly the keys below: an unknown key is an error (the run must not go
+on with a default while the user believes the experiment changed something), values are strict (``"big"`` is not an
+integer, ``"maybe"`` is not a boolean, 5.0 is not a step count), and cross-key rules sit next to their section.
+``ultraflux.config.validate`` turns pydantic's errors into messages that name the file and the full key.
+
+Seed = the UltraFlux supplement (``../shared/seed``). Ranges marked "seed" come from it; the others are what the code
+can run with.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# ----------------------------------------------------------------------------------------------- vocabulary
+# The named aspect ratios of the bucket table (seed Sec. 2.2 buckets + Table 5 evaluation ratios); the bucket sizes
+# themselves are computed in ultraflux.data.buckets (a test checks both lists agree).
+ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1", "1:2", "2.39:1", "1:2.39")
+Aspect = Literal[ASPECTS]  # type: ignore[valid-type]
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]          # (0, 1]
+Path = str                                              # "" = not set; existence is checked separately
+TimestepIndex = Annotated[int, Field(ge=0, le=999)]     # seed Table 3: timestep ranges within 0-999
+
+
+def _has_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_has_text)]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, no type coercion ("5" is not 5)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+class Tracking(Section):
+    experiment: Text = "ultraflux"
+
+
+class Synthetic(Section):
+    num_images: PosInt
+    long_side: Annotated[int, Field(ge=64)]
+
+
+class Data(Section):
+    variant: Literal["multiaspect", "baseline"]          # seed Table 1: MultiAspect-4K vs the Diffusion-4K recipe
+    source: Path
+    synthetic: Synthetic
+
+
+class Flat(Section):                                     # seed Sec. 2.1 "Flat-region detection"
+    patch: Annotated[int, Field(ge=8)]                   # 240
+    threshold: PosFloat                                  # 800
+    max_fraction: Fraction                               # 0.5
+
+
+class Quality(Section):                                  # seed Sec. 2.1 "Image Quality Filtering" (Q-Align > 4.0)
+    weights: Path
+    threshold: Annotated[float, Field(ge=1, le=5)]       # Q-Align's 1-5 scale
+    standin_keep_fraction: Fraction
+    batch_size: PosInt
+
+
+class Aesthetic(Section):                                # seed Sec. 2.1 (ArtiMuse top 30%), Table 3 (stage 2: top 5%)
+    weights: Path
+    keep_top: Fraction
+    batch_size: PosInt
+    stage2_top: Fraction
+
+    @model_validator(mode="after")
+    def _stage2_within_kept(self):
+        if self.stage2_top > self.keep_top:
+            raise ValueError(f"stage2_top ({self.stage2_top}) must not exceed keep_top ({self.keep_top}): the stage-2 "
+                             "subset is taken from the kept images")
+        return self
+
+
+class Buckets(Section):                                  # seed Sec. 2.2 "bucketed resolution scheme"
+    scale: PosFloat                                      # 1.0 = the 4K table
+    aspects: Annotated[list[Aspect], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique(self):
+        if len(set(self.aspects)) != len(self.aspects):
+            raise ValueError("aspects must not repeat a ratio")
+        return self
+
+
+class Curate(Section):
+    engine: Literal["local", "ray"]
+    workers: NonNegInt                                   # 0 = every core
+    flat: Flat
+    entropy_min: Annotated[float, Field(gt=0, le=8)]     # seed Sec. 2.1: 7.0 bits; 8-bit gray has at most 8
+    quality: Quality
+    aesthetic: Aesthetic
+    buckets: Buckets
+    max_upscale: Annotated[float, Field(ge=1)]
+    max_image_pixels: PosInt
+    cache_dir: Path
+    holdout_fraction: Annotated[float, Field(ge=0, lt=1)]
+
+
+class Tiny(Section):                                     # embedded CPU profile: a tiny Flux transformer and F16 VAE
+    num_layers: PosInt
+    num_single_layers: NonNegInt
+    attention_head_dim: PosInt
+    num_attention_heads: PosInt
+    joint_attention_dim: PosInt
+    pooled_projection_dim: PosInt
+    axes_dims_rope: Annotated[list[Annotated[int, Field(ge=2, multiple_of=2)]], Field(min_length=3, max_length=3)]
+    guidance_embeds: bool
+    vae_block_out_channels: Annotated[list[PosInt], Field(min_length=2)]
+    vae_layers_per_block: PosInt = 1
+    vae_tile_size: Annotated[int, Field(ge=32)] = 256
+    text_max_length: PosInt
+
+    @model_validator(mode="after")
+    def _rope_dims(self):
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
+                             f"({self.attention_head_dim}), as Flux's [16, 56, 56] sums to 128")
+        return self
+
+
+class Model(Section):
+    pretrained: Path                                     # local diffusers FLUX.1 directory; "" = tiny
+    vae_pretrained: Path
+    tiny: Tiny
+
+
+class Rope(Section):                                     # seed Sec. 3, Table 3 "Resonance 2D RoPE with YaRN"
+    kind: Literal["flux", "yarn", "resonance_yarn"]      # seed Fig. 4 (a) / (b) / (c)
+    theta: PosFloat                                      # base b = 10,000
+    train_len: PosInt                                    # training window L (paper: 64 tokens)
+    ntk_factor: NonNegFloat                              # eta = 1.0
+    yarn_alpha: PosFloat                                 # (alpha, beta) = (1.25, 0.75)
+    yarn_beta: PosFloat
+    max_scale: Annotated[float, Field(ge=1)]             # s_a = 2.0
+    snap_all_bands: bool
+
+    @model_validator(mode="after")
+    def _ramp(self):
+        if self.yarn_alpha <= self.yarn_beta:
+            raise ValueError(f"yarn_alpha ({self.yarn_alpha}) must exceed yarn_beta ({self.yarn_beta}): the ramp "
+                             "runs from alpha rotations (NTK) down to beta (linear)")
+        return self
+
+
+class Loss(Section):                                     # seed Table 3 "DiT objective"
+    wavelet: Literal["haar"]                             # Haar
+    levels: PosInt                                       # J = 1
+    c_min: PosFloat                                      # pseudo-Huber thresholds ~0.2 ...
+    c_max: PosFloat                                      # ... ~1.0
+    min_snr_gamma: Optional[PosFloat]                    # Min-SNR gamma (5.0); null = no weighting
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.c_min > self.c_max:
+            raise ValueError(f"c_min ({self.c_min}) must not exceed c_max ({self.c_max})")
+        return self
+
+
+class VaeTrain(Section):                                 # seed Sec. 2.2 "VAE Training", Table 3 "F16 VAE post-training"
+    steps: PosInt
+    resolution: Annotated[int, Field(ge=16, multiple_of=16)]   # 512 (F16: multiple of 16)
+    batch_size: PosInt
+    grad_accum: PosInt                                   # global batch 384
+    lr: PosFloat                                         # 1e-4 (Table 3; the text says 1e-5)
+    weight_decay: NonNegFloat                            # 1e-2
+    lambda_l2: NonNegFloat                               # (lambda_vae, lambda_perc, lambda_L2) = (0.2, 0.1, 1)
+    lambda_perc: NonNegFloat
+    lambda_vae: NonNegFloat
+    flat_top_fraction: Fraction                          # top 50% by flatness score
+    eval_every: PosInt
+    lpips_weights: Path
+    adversarial: bool
+    lambda_adv: NonNegFloat
+    adv_start: NonNegInt
+    checkpoint_every: PosInt
+    keep_checkpoints: PosInt
+
+
+class DitStage(Section):                                 # seed Sec. 2.2 "DiT Training", Table 3 curriculum
+    steps: PosInt
+    batch_size: PosInt
+    grad_accum: PosInt
+    lr: PosFloat                                         # 1e-6
+    weight_decay: NonNegFloat
+    t_min: TimestepIndex                                 # stage 1: 0-999, stage 2: 0-459
+    t_max: TimestepIndex
+    subset: Literal["all", "aesthetic_top"]
+    shift: PosFloat
+    checkpoint_every: PosInt
+    keep_checkpoints: PosInt
+    max_grad_norm: Optional[NonNegFloat]
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        return self
+
+
+class Sample(Section):
+    prompts: Annotated[list[Text], Field(min_length=1)]
+    aspects: Annotated[list[Aspect], Field(min_length=1)]   # seed Table 5 ratios
+    num_inference_steps: PosInt                          # seed Sec. 10: 50-60
+    guidance_scale: NonNegFloat
+    refine_prompts: bool                                 # seed Sec. 12
+
+
+class Evaluate(Section):
+    fid_inception_weights: Path
+    lpips_weights: Path
+    hpsv3_weights: Path
+    artimuse_weights: Path
+    qalign_weights: Path
+
+
+class Backoff(Section):
+    max_retries: NonNegInt
+    backoff_base_s: NonNegFloat = 1.0
+    backoff_max_s: NonNegFloat = 30.0
+    backoff_jitter: Annotated[float, Field(ge=0, le=1)] = 0.5
+    timeout_s: PosFloat = 120.0
+
+    @model_validator(mode="after")
+    def _backoff(self):
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_base_s ({self.backoff_base_s})")
+        return self
+
+
+class Judge(Backoff):                                    # seed Sec. 11: Gemini-2.5-Flash, reasoning mode, Prompt 11.1
+    model: Text
+    base_url: str
+    api_version: str = "v1beta"
+    thinking: bool
+    thinking_budget: Annotated[int, Field(ge=-1)]        # -1 = the model decides
+    temperature: Optional[Annotated[float, Field(ge=0, le=2)]] = None
+    concurrency: PosInt
+    include_generation_prompt: bool = True
+    inline_limit_mb: Annotated[float, Field(gt=0, le=20)] = 19.0   # Gemini's inline request limit is 20 MB
+
+
+class Refiner(Backoff):                                  # seed Sec. 12: GPT-4o, Prompt 12.1
+    model: Text
+    base_url: str
+    language: Literal["English", "Chinese"]              # Prompt 12.1: "[language] (Chinese/English)"
+    batch_size: PosInt
+    min_words: PosInt                                    # 55-100 words
+    max_words: PosInt
+    temperature: Optional[Annotated[float, Field(ge=0, le=2)]] = None
+    include_output_format: bool = True
+
+    @model_validator(mode="after")
+    def _words(self):
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})")
+        return self
+
+
+class Params(Section):
+    seed: NonNegInt
+    tracking: Tracking
+    data: Data
+    curate: Curate
+    model: Model
+    rope: Rope
+    objective: Literal["l2", "ultraflux"]                # seed Table 1: "Flux, latent L2" | UltraFlux
+    loss: Loss
+    vae_train: VaeTrain
+    dit_stage1: DitStage
+    dit_stage2: DitStage
+    sample: Sample
+    evaluate: Evaluate
+    judge: Judge
+    refiner: Refiner
+
+
+def known_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts (for did-you-mean and the docs)."""
+    out = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            out += known_keys(sub, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
