@@ -75,7 +75,6 @@ EXPECTED_OUTPUT_FORMAT = (
 )
 
 
-
 class RefinedPrompts(BaseModel):
     """Strict structured output: an object root wrapping the seed's list of refined prompts."""
 
