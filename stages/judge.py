@@ -2,14 +2,14 @@
 import json
 from pathlib import Path
 
-from ultraflux.stage import run_stage
+from ultraflux.stage import TIMING_KEY, run_stage
 
 SAMPLES = Path("outputs/samples")
 OUT = Path("outputs/judge")
 
 
 def main(params, logger):
-    from ultraflux.evaluation.judge import judge_pairs
+    from ultraflux.evaluation.judge import judge_pairs, succeeded
     from ultraflux.tracking import repo_root
 
     prompts = json.loads((SAMPLES / "prompts.json").read_text())
@@ -17,11 +17,13 @@ def main(params, logger):
               "prompt": prompts[int(img.stem)]}
              for a in sorted(p for p in (SAMPLES / "dit_stage2").iterdir() if p.is_dir())
              for img in sorted(a.glob("*.png"))]
-    OUT.mkdir(parents=True, exist_ok=True)
-    summary = judge_pairs(pairs, params["judge"], repo_root() / ".cache" / "judge", OUT)
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = judge_pairs(pairs, params["judge"], repo_root() / ".cache" / "judge", OUT)  # writes OUT atomically
     logger.log_artifact(OUT, "judge")
-    return {"image_a": "dit_stage2", "image_b": "dit_stage1", **summary}
+    if not succeeded(summary):  # fail the stage, so that neither DVC nor its run cache keeps a failed judgement
+        raise SystemExit(f"[judge] {summary['status']}: {summary.get('error')} (see {OUT / 'verdicts.jsonl'})")
+    seconds = summary.pop("seconds", None)  # wall clock: a timing, not a metric (same params -> same metrics)
+    return {"image_a": "dit_stage2", "image_b": "dit_stage1", **summary,
+            TIMING_KEY: {} if seconds is None else {"judge_s": seconds}}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Gemini pairwise judge (seed Sec. 11) against a local fake Gemini server, through the real google-genai client."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -12,7 +13,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_llm_server import (  # noqa: E402
-    FakeLLMServer,
     Reply,
     Script,
     gemini_error,
@@ -21,21 +21,14 @@ from fake_llm_server import (  # noqa: E402
     gemini_texts,
     gemini_verdict,
 )
+from llm_fixtures import GEMINI_KEY as KEY  # noqa: E402
+from llm_fixtures import llm_env, seed_text, serve  # noqa: E402,F401
 
+from ultraflux.cli.judge import main as cli_judge  # noqa: E402
 from ultraflux.evaluation import judge as J  # noqa: E402
 
-KEY = "AIzaFAKE-test-key-7f3c9d1e5b"  # distinctive: must never appear in logs / stdout / files
-
-
-def _seed_text() -> str | None:
-    here = Path(__file__).resolve()
-    for d in (here.parents[1] / "shared" / "seed", Path("/work/shared/seed")):
-        if d.is_dir():
-            for f in sorted(d.glob("*.txt")):
-                t = f.read_text(encoding="utf-8")
-                if "Prompt 11.1" in t:
-                    return t
-    return None
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("llm_env")
 
 
 def _png(color: tuple[int, int, int], size=(8, 8)) -> bytes:
@@ -59,18 +52,7 @@ def prefer_good(request: dict) -> Reply:
     return gemini_verdict("tie", 50, 50)
 
 
-@pytest.fixture
-def server():
-    with FakeLLMServer() as s:
-        s.gemini = prefer_good
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("GEMINI_API_KEY", KEY)
-    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    monkeypatch.delenv("GOOGLE_GENAI_USE_VERTEXAI", raising=False)
+server = serve(gemini=prefer_good)
 
 
 def cfg(server, **kw):
@@ -98,7 +80,7 @@ def read_verdicts(out: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------------ prompt text
 def test_prompt_is_seed_verbatim():
-    seed = _seed_text()
+    seed = seed_text("Prompt 11.1")
     if seed is None:
         pytest.skip("seed supplement not available")
     assert J.JUDGE_PROMPT in seed
@@ -110,14 +92,27 @@ def test_validate_answer():
     ok = J.validate_answer('{"preferred": "B", "a_score": 10, "b_score": 90, "reasons": "x"}')
     assert ok == {"preferred": "B", "a_score": 10, "b_score": 90, "reasons": "x"}
     assert J.validate_answer('```json\n{"preferred": "tie", "a_score": 50, "b_score": 50.0, "reasons": ""}\n```')["preferred"] == "tie"
+    assert J.validate_answer('{"preferred": " b ", "a_score": 0, "b_score": 100, "reasons": ""}')["preferred"] == "B"
+    assert J.validate_answer(J.JudgeAnswer(preferred="A", a_score=1, b_score=2, reasons="r"))["a_score"] == 1
     for bad in ["", "nope", "[]", '{"preferred": "C", "a_score": 1, "b_score": 2, "reasons": ""}',
                 '{"preferred": "A", "a_score": 101, "b_score": 2, "reasons": ""}',
                 '{"preferred": "A", "a_score": 1.5, "b_score": 2, "reasons": ""}',
                 '{"preferred": "A", "a_score": true, "b_score": 2, "reasons": ""}',
+                '{"preferred": "A", "a_score": "5", "b_score": 2, "reasons": ""}',
+                '{"preferred": "A", "a_score": 1, "b_score": 2, "reasons": 3}',
                 '{"preferred": "A", "a_score": 1, "b_score": 2}',
                 '{"preferred": "A", "a_score": 1, "b_score": 2, "reasons": "", "extra": 1}']:
         with pytest.raises(J.InvalidAnswer):
             J.validate_answer(bad)
+
+
+def test_answer_errors_say_what_is_wrong():
+    with pytest.raises(J.InvalidAnswer, match="not valid JSON"):
+        J.validate_answer("I prefer A")
+    with pytest.raises(J.InvalidAnswer, match=r"a_score: Input should be less than or equal to 100 \(got 180\)"):
+        J.validate_answer('{"preferred": "A", "a_score": 180, "b_score": 2, "reasons": ""}')
+    with pytest.raises(J.InvalidAnswer, match="empty answer"):
+        J.validate_answer("  ")
 
 
 def test_wilson_ci():
@@ -126,6 +121,36 @@ def test_wilson_ci():
     assert J.wilson_ci(0, 0) is None
     lo, hi = J.wilson_ci(0, 5)
     assert lo == 0.0 and 0 < hi < 1
+    assert J.wilson_ci(5, 5)[1] == 1.0 and all(type(x) is float for x in J.wilson_ci(2, 4))  # JSON-ready floats
+
+
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 90)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_mime_from_pillow_format(server, tmp_path):
+    webp, bmp = _encoded("WEBP"), _encoded("BMP")
+    pairs = make_pairs(tmp_path, [(webp, bmp)])
+    pairs[0]["image_a"] = pairs[0]["image_a"].rename(tmp_path / "A" / "0.bin")  # the name says nothing
+    s = J.judge_pairs(pairs, cfg(server), None, tmp_path / "out", progress=False)
+    assert s["judged"] == 1
+    parts = server.requests[0]["body"]["contents"][0]["parts"]
+    mimes = [(p.get("inlineData") or p.get("inline_data")) for p in parts[:2]]
+    assert [m.get("mimeType", m.get("mime_type")) for m in mimes] == ["image/webp", "image/png"]
+    sent_a, sent_b = gemini_images(server.requests[0])
+    assert sent_a == webp  # a format Gemini takes is sent as it is ...
+    assert Image.open(io.BytesIO(sent_b)).format == "PNG"  # ... any other is re-encoded losslessly
+    assert Image.open(io.BytesIO(sent_b)).tobytes() == Image.open(io.BytesIO(bmp)).tobytes()
+    assert read_verdicts(tmp_path / "out")[0]["encoding"] == "png"
+
+
+def test_unreadable_image_is_recorded(server, tmp_path):
+    s = J.judge_pairs(make_pairs(tmp_path, [(b"not an image", GOOD)]), cfg(server), None, tmp_path / "out",
+                      progress=False)
+    assert s["status"] == "failed" and server.requests == []
+    assert "UnidentifiedImageError" in read_verdicts(tmp_path / "out")[0]["error"]
 
 
 def test_oversized_payload_is_reencoded_jpeg(server, tmp_path):
@@ -158,6 +183,10 @@ def test_both_orders_sent_and_request_shape(server, tmp_path):
     assert gc["responseMimeType"] == "application/json"
     assert set(gc["responseSchema"]["properties"]) == {"preferred", "a_score", "b_score", "reasons"}
     assert gc["responseSchema"]["properties"]["preferred"]["enum"] == ["A", "B", "tie"]
+    score_schema = gc["responseSchema"]["properties"]["a_score"]
+    assert {"type": "INTEGER", "minimum": 0, "maximum": 100}.items() <= score_schema.items()
+    assert gc["responseSchema"]["required"] == ["preferred", "a_score", "b_score", "reasons"]
+    assert "additionalProperties" not in gc["responseSchema"]  # not in the Gemini Developer API's schema
     tc = gc["thinkingConfig"]
     assert tc.get("thinkingBudget", tc.get("thinking_budget")) == -1  # thinking on (dynamic budget)
     (v,) = read_verdicts(tmp_path / "out")
@@ -253,10 +282,19 @@ def test_fatal_error_aborts_and_is_recorded(server, tmp_path):
     server.gemini = lambda req: gemini_error(403, "permission denied")
     s = J.judge_pairs(make_pairs(tmp_path, [(GOOD, BAD), (BAD, GOOD), (GOOD, BAD2)]), cfg(server), None,
                       tmp_path / "out", progress=False)
-    assert s["status"].startswith("error (fatal API error") and s["invalid"] == 3 and s["judged"] == 0
+    assert s["status"] == "failed" and s["invalid"] == 3 and s["judged"] == 0 and not J.succeeded(s)
+    assert s["error"].startswith("no pair could be judged (3 error); fatal API error: ") and "403" in s["error"]
     assert server.count("gemini") == 1  # not retried, and the remaining requests are not sent
     vs = read_verdicts(tmp_path / "out")
     assert all(v["status"] == "error" for v in vs) and "403" in vs[0]["error"]
+
+
+def test_fatal_error_after_judged_pairs_is_an_error(server, tmp_path):
+    replies = iter([prefer_good, prefer_good])  # pair p0 (both orders) is judged, then the key is revoked
+    server.gemini = lambda req: next(replies, lambda r: gemini_error(403, "permission denied"))(req)
+    s = J.judge_pairs(make_pairs(tmp_path, [(GOOD, BAD), (BAD, GOOD)]), cfg(server), None, None, progress=False)
+    assert s["status"].startswith("error (fatal API error: ClientError: 403") and not J.succeeded(s)
+    assert (s["judged"], s["wins_a"], s["invalid"]) == (1, 1, 1) and server.count("gemini") == 3
 
 
 def test_missing_image_is_recorded(server, tmp_path):
@@ -313,7 +351,7 @@ def test_key_never_leaks(server, tmp_path, capsys, caplog):
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "0.png", "prompt": "p"}) + "\n")
     params = tmp_path / "params.yaml"
     params.write_text("judge:\n  max_retries: 1\n  backoff_base_s: 0.001\n")
-    rc = J.cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "prompts.jsonl"),
+    rc = cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "prompts.jsonl"),
                       "--base-url", server.url, "--out", str(tmp_path / "out_cli"), "--cache", str(tmp_path / "cache2"),
                       "--params", str(params), "--model", "gemini-x"])
     assert rc == 1
@@ -337,7 +375,7 @@ def test_cli_judge(server, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("judge:\n  model: gemini-2.5-flash\n  base_url: ''\n  thinking: true\n  max_retries: 4\n"
                       "  backoff_base_s: 0.001\n")
-    rc = J.cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "prompts.jsonl"),
+    rc = cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "prompts.jsonl"),
                       "--base-url", server.url, "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
                       "--params", str(params), "--no-progress"])
     assert rc == 0
@@ -354,7 +392,7 @@ def test_cli_default_out_and_no_key(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("GEMINI_API_KEY")
     make_pairs(tmp_path, [(GOOD, BAD)])
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "0.png", "prompt": "p"}) + "\n")
-    rc = J.cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "prompts.jsonl"),
+    rc = cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "prompts.jsonl"),
                       "--cache", str(tmp_path / "cache"), "--params", str(tmp_path / "none.yaml")])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)
@@ -364,8 +402,78 @@ def test_cli_default_out_and_no_key(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_bad_inputs(tmp_path, capsys):
-    assert J.cli_judge([str(tmp_path / "x"), str(tmp_path / "y"), "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    assert cli_judge([str(tmp_path / "x"), str(tmp_path / "y"), "--prompts", str(tmp_path / "p.jsonl")]) == 2
     (tmp_path / "A").mkdir()
     (tmp_path / "B").mkdir()
     (tmp_path / "p.jsonl").write_text("{not json\n")
-    assert J.cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "p.jsonl")]) == 2
+    assert cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "p.jsonl")]) == 2
+
+
+def test_cli_exits_non_zero_when_no_pair_is_judged(server, tmp_path, capsys):
+    server.gemini = lambda req: gemini_text("I think A looks nicer.")
+    make_pairs(tmp_path, [(GOOD, BAD), (BAD, GOOD)])
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "prompt": "p"}) + "\n"
+                                                    for i in range(2)))
+    params = tmp_path / "params.yaml"
+    params.write_text("judge:\n  max_retries: 0\n")
+    rc = cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "prompts.jsonl"),
+                    "--base-url", server.url, "--out", str(tmp_path / "out"), "--params", str(params), "--no-progress"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 1 and s["status"] == "failed" and s["error"] == "no pair could be judged (2 invalid)"
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_cli_bad_params_file(tmp_path, capsys):
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    (tmp_path / "p.jsonl").write_text("")
+    (tmp_path / "params.yaml").write_text("judge: [1, 2\n")
+    assert cli_judge([str(tmp_path / "A"), str(tmp_path / "B"), "--prompts", str(tmp_path / "p.jsonl"),
+                      "--params", str(tmp_path / "params.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------------- stage
+class _Logger:
+    def __init__(self):
+        self.artifacts = []
+
+    def log_artifact(self, path, name):
+        self.artifacts.append((Path(path), name))
+
+
+def _run_stage_main(tmp_path, monkeypatch, judge_cfg):
+    """stages/judge.py's main() on two tiny sample folders, in a scratch project folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    samples = tmp_path / "outputs" / "samples"
+    for model, img in (("dit_stage2", GOOD), ("dit_stage1", BAD)):
+        (samples / model / "1x1").mkdir(parents=True)
+        (samples / model / "1x1" / "0.png").write_bytes(img)
+    (samples / "prompts.json").write_text(json.dumps(["a red square"]))
+    spec = importlib.util.spec_from_file_location("judge_stage", ROOT / "stages" / "judge.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    logger = _Logger()
+    return stage, logger, (lambda: stage.main({"judge": judge_cfg}, logger))
+
+
+def test_stage_metrics_and_outputs(server, tmp_path, monkeypatch):
+    stage, logger, run = _run_stage_main(tmp_path, monkeypatch, cfg(server))
+    metrics = run()
+    out = tmp_path / "outputs" / "judge"
+    assert metrics["wins_a"] == 1 and metrics["image_a"] == "dit_stage2" and metrics["status"] == "ok"
+    assert "seconds" not in metrics and metrics[stage.TIMING_KEY]["judge_s"] >= 0  # wall clock is a timing
+    written = json.loads((out / "summary.json").read_text())  # the library's atomic write, not rewritten
+    assert written["wins_a"] == 1 and "seconds" in written
+    assert (out / "summary.json").read_text() == json.dumps(written, indent=2, sort_keys=True, ensure_ascii=False) \
+        + "\n"
+    assert logger.artifacts == [(Path("outputs/judge"), "judge")]
+
+
+def test_stage_fails_when_no_pair_is_judged(server, tmp_path, monkeypatch):
+    server.gemini = lambda req: gemini_error(403, "permission denied")
+    _, logger, run = _run_stage_main(tmp_path, monkeypatch, cfg(server))
+    with pytest.raises(SystemExit, match=r"\[judge\] failed: no pair could be judged \(1 error\)"):
+        run()
+    assert logger.artifacts  # the verdicts are still logged for inspection

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_llm_server import FakeLLMServer, Reply, Script, openai_error, openai_message, openai_prompts  # noqa: E402
+from fake_llm_server import Reply, Script, openai_error, openai_message, openai_prompts  # noqa: E402
+from llm_fixtures import OPENAI_KEY as KEY  # noqa: E402
+from llm_fixtures import llm_env, seed_text, serve  # noqa: E402,F401
 
 from ultraflux.evaluation import refiner as R  # noqa: E402
 
-KEY = "sk-FAKE-refiner-key-0b4e8a2c91"  # distinctive: must never appear in logs / stdout / files
+pytestmark = pytest.mark.usefixtures("llm_env")
 
 
 def words(n: int, tag: str = "word") -> str:
@@ -31,18 +33,7 @@ def good(request: dict) -> Reply:
     return openai_prompts(refined_for(request))
 
 
-@pytest.fixture
-def server():
-    with FakeLLMServer() as s:
-        s.openai = good
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    for v in ("OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
-        monkeypatch.delenv(v, raising=False)
+server = serve(openai=good)
 
 
 def cfg(server, **kw):
@@ -55,20 +46,9 @@ def cfg(server, **kw):
 PROMPTS = ["a cat on a sofa", "a lighthouse at dusk", "an old man reading"]
 
 
-def _seed_text() -> str | None:
-    here = Path(__file__).resolve()
-    for d in (here.parents[1] / "shared" / "seed", Path("/work/shared/seed")):
-        if d.is_dir():
-            for f in sorted(d.glob("*.txt")):
-                t = f.read_text(encoding="utf-8")
-                if "Prompt 12.1" in t:
-                    return t
-    return None
-
-
 # ------------------------------------------------------------------------------------------------------ prompt text
 def test_prompts_are_seed_verbatim():
-    seed = _seed_text()
+    seed = seed_text("Prompt 12.1")
     if seed is None:
         pytest.skip("seed supplement not available")
     assert R.SYSTEM_PROMPT in seed and R.SYSTEM_PROMPT.startswith("You are a senior prompt refiner")
@@ -102,7 +82,10 @@ def test_correct_output_accepted_and_request_shape(server, tmp_path):
     rf = body["response_format"]
     assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
     assert rf["json_schema"]["schema"]["type"] == "object"
-    assert rf["json_schema"]["schema"]["properties"]["prompts"]["type"] == "array"
+    assert rf["json_schema"]["schema"]["properties"]["prompts"] == {"items": {"type": "string"}, "title": "Prompts",
+                                                                   "type": "array"}
+    assert rf["json_schema"]["name"] == "RefinedPrompts"
+    assert rf["json_schema"]["schema"]["additionalProperties"] is False
 
 
 def test_language_is_passed(server, tmp_path):
@@ -180,6 +163,25 @@ def test_newline_or_numbering_retried(server, tmp_path):
 def test_malformed_json_then_valid(server, tmp_path):
     server.openai = Script([openai_message("not json"), openai_message('["a bare list"]')], default=good)
     assert len(R.refine_prompts(PROMPTS, cfg(server), None)) == 3 and server.count("openai") == 3
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("not json", "answer is not valid JSON"),
+    ('{"prompts": ["ok", 3]}', "prompts.1: Input should be a valid string (got 3)"),
+    ('{"prompts": [], "note": "x"}', "note: Extra inputs are not permitted"),
+    ('{"items": []}', "prompts: Field required"),
+])
+def test_off_schema_answer_is_invalid_with_reason(server, tmp_path, content, reason):
+    server.openai = lambda req: openai_message(content)
+    with pytest.raises(R.RefinerError, match="after 2 attempt") as ei:
+        R.refine_prompts(PROMPTS, cfg(server, max_retries=1), None)
+    assert all(a["kind"] == "invalid" and reason in a["error"] for a in ei.value.attempts), ei.value.attempts
+
+
+@pytest.mark.parametrize("finish", ["length", "content_filter"])
+def test_truncated_or_filtered_answer_is_retried(server, tmp_path, finish):
+    server.openai = Script([openai_message('{"prompts": ["cut', finish=finish)], default=good)
+    assert len(R.refine_prompts(PROMPTS, cfg(server), None)) == 3 and server.count("openai") == 2
 
 
 @pytest.mark.parametrize("status", [429, 500, 503])

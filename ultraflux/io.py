@@ -1,4 +1,12 @@
-"""Small I/O helpers: atomic writes, JSON, content hashes."""
+"""Small I/O helpers, the package's one home for atomic writes and content hashes.
+
+Writes: :func:`atomic_path` (yield a temporary path beside the target, rename it over the target on success: for
+writers that need a path, files or directories) and :func:`atomic_write_bytes` / :func:`atomic_write_text` /
+:func:`write_json` built on it (flushed and fsynced before the rename). Every temporary lives in its own
+``mkdtemp`` folder beside the target, so concurrent writers (threads or processes) never share a temporary name.
+
+Hashes: sha256 hex digests of bytes, text (UTF-8), a file (streamed) and a JSON-able object (sorted keys).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+# ----------------------------------------------------------------------------------------------------------- writes
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path`` (file or directory)."""
@@ -26,13 +35,32 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: a fresh temporary beside it, fsync, rename."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented JSON with sorted keys (non-JSON values as ``str``), written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------- hashes
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return sha256_bytes(text.encode("utf-8"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -44,4 +72,4 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_text(json.dumps(obj, sort_keys=True, default=str))

@@ -3,7 +3,9 @@
 * one retry loop for transport failures (429 / 408 / 5xx / timeouts / connection errors) *and* malformed or
   off-schema answers, with bounded exponential back-off and jitter (the SDKs' own retries are switched off so
   there is exactly one budget and every attempt's failure is recorded);
-* an on-disk answer cache (one JSON file per key, written atomically);
+* answers validated by pydantic models (the same models both SDKs take as the response schema): a
+  ``pydantic.ValidationError`` anywhere in a call counts as an off-schema answer, described in one line;
+* an on-disk answer cache (one JSON file per key, written with :func:`ultraflux.io.atomic_write_text`);
 * secret redaction for every error string that is recorded or logged.
 
 Nothing here ever logs, prints or stores an API key: error messages are passed through :func:`redact` before
@@ -11,16 +13,18 @@ they leave this module, and keys are only ever handed to the SDK client construc
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
+
+import pydantic
+
+from ultraflux.io import atomic_write_text, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,41 @@ def env_key(*names: str) -> str | None:
         if v:
             return v
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------- answers
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+def describe_validation_error(err: pydantic.ValidationError, secrets: Iterable[str | None] = ()) -> str:
+    """One line naming what is wrong with an answer: not JSON at all, or which fields are off-schema and why.
+
+    Quoted inputs are redacted before they are clipped to 200 characters (so no part of a secret survives)."""
+    secrets = list(secrets)
+
+    def quote(value: Any) -> str:
+        r = redact(repr(value), secrets)
+        return r if len(r) <= 200 else r[:200] + "..."
+
+    errors = err.errors(include_url=False)
+    bad_json = [e for e in errors if e["type"] == "json_invalid"]
+    if bad_json:
+        return f"answer is not valid JSON ({bad_json[0]['msg']}): {quote(bad_json[0]['input'])}"
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e["loc"]) or "answer"
+        parts.append(f"{where}: {e['msg']}" + ("" if e["type"] == "missing" else f" (got {quote(e['input'])})"))
+    return "off-schema answer: " + "; ".join(parts)
+
+
+def parse_answer(model: type[M], text: Any) -> M:
+    """``model`` validated from the JSON text ``text``; :class:`InvalidAnswer` (one-line reason) otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidAnswer("empty answer (no text in the response)")
+    try:
+        return model.model_validate_json(text)
+    except pydantic.ValidationError as e:
+        raise InvalidAnswer(describe_validation_error(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------------------ retry
@@ -112,6 +151,8 @@ def classify(exc: BaseException, secrets: Iterable[str | None] = ()) -> Failure:
         msg = msg[:2000] + "...[truncated]"
     if isinstance(exc, InvalidAnswer):
         return Failure("invalid", msg)
+    if isinstance(exc, pydantic.ValidationError):  # e.g. openai's ``parse`` validating the answer into our model
+        return Failure("invalid", f"InvalidAnswer: {describe_validation_error(exc, secrets)}"[:2000])
     # google-genai: errors.APIError(code, response_json, response)
     try:
         from google.genai import errors as genai_errors
@@ -195,36 +236,9 @@ def call_with_retries(
     return Outcome("invalid" if last.kind == "invalid" else "error", None, n_attempts, errors)
 
 
-# ------------------------------------------------------------------------------------------------------------ files
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
+# ------------------------------------------------------------------------------------------------------------ cache
 def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return sha256_text(json.dumps(key, sort_keys=True, ensure_ascii=False))
 
 
 class DiskCache:

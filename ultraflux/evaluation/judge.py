@@ -3,8 +3,10 @@
 Gemini-2.5-Flash "in reasoning mode" judges image pairs on aesthetic appeal and alignment with the prompt. Each
 request sends, in this order: Image A (inline bytes), Image B (inline bytes), Prompt 11.1 verbatim, and a short
 context line with the generation prompt (our addition: the seed says the judge assesses "alignment with the given
-prompt" but Prompt 11.1 itself does not carry the prompt). The JSON contract of Prompt 11.1 is enforced by a
-response schema (``response_mime_type=application/json`` + ``response_schema``) and validated again on receipt.
+prompt" but Prompt 11.1 itself does not carry the prompt). The JSON contract of Prompt 11.1 is the pydantic model
+:class:`JudgeAnswer`, handed to google-genai as the response schema (``response_mime_type=application/json`` +
+``response_schema=JudgeAnswer``); the SDK parses the answer into it (``response.parsed``), and when it could not, the
+text is validated by the same model to record why (a fenced JSON block is tolerated).
 
 Position bias: every pair is judged in both orders (AB: image_a shown as "Image A"; BA: swapped). A pair's verdict
 is a win only when both orders prefer the same underlying image; any disagreement (or a "tie" in either order) is
@@ -12,8 +14,9 @@ a tie. Pairs whose two orders did not both yield a valid answer are ``invalid`` 
 off-schema after retries, ``error`` = transport / API failure) and are excluded from the rates.
 
 Rates: ``win_rate_a = wins_a / (wins_a + wins_b + ties)`` over valid pairs, with a Wilson 95 % score interval
-(``win_rate_a_ci95``); likewise ``win_rate_b`` / ``tie_rate``. ``pref_rate_a = wins_a / (wins_a + wins_b)`` (ties
-dropped) is reported too, with its own Wilson interval.
+(``win_rate_a_ci95``, scipy's ``binomtest(k, n).proportion_ci(method="wilson")``); likewise ``win_rate_b`` /
+``tie_rate``. ``pref_rate_a = wins_a / (wins_a + wins_b)`` (ties dropped) is reported too, with its own Wilson
+interval.
 
 Cache: each validated answer is stored on disk under a key made of (sha256 of the bytes shown as Image A, sha256 of
 the bytes shown as Image B, sha256 of the full prompt text sent, model, order, generation settings that change the
@@ -21,34 +24,41 @@ answer: thinking / thinking_budget / temperature / api_version / image encoding)
 
 Key: ``GEMINI_API_KEY`` (or ``GOOGLE_API_KEY``); it is handed to the SDK only, never logged, printed or written.
 Without a key :func:`judge_pairs` returns ``status: "skipped (no GEMINI_API_KEY)"`` and makes no request.
+
+Run status: ``ok`` (at least one pair judged), ``failed`` (pairs given, none judged: every pair invalid or errored;
+``error`` says why), ``error (fatal API error: ...)`` (a non-retryable API error stopped the run after some pairs were
+judged), or the skip above. :func:`succeeded` is false for ``failed`` and ``error``: the CLI and the stage exit
+non-zero then.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
-import math
 import os
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from scipy.stats import binomtest
+
+from ultraflux.io import atomic_write_text, sha256_bytes, sha256_text
 
 from ._llm import (
     DiskCache,
     InvalidAnswer,
     Outcome,
     RetryPolicy,
-    atomic_write_text,
     call_with_retries,
-    default_cache_root,
     env_key,
+    parse_answer,
     redact,
-    sha256_bytes,
-    sha256_text,
 )
 
 log = logging.getLogger(__name__)
@@ -84,18 +94,39 @@ JUDGE_PROMPT = (
 # Our addition (not seed text): gives the judge the generation prompt for the "alignment with the given prompt" part.
 GENERATION_PROMPT_CONTEXT = "Both images were generated from this text prompt: {prompt}"
 
-# The JSON contract of Prompt 11.1 as a Gemini (OpenAPI-subset) response schema.
-RESPONSE_SCHEMA: dict[str, Any] = {
-    "type": "OBJECT",
-    "properties": {
-        "preferred": {"type": "STRING", "enum": ["A", "B", "tie"]},
-        "a_score": {"type": "INTEGER", "minimum": 0, "maximum": 100},
-        "b_score": {"type": "INTEGER", "minimum": 0, "maximum": 100},
-        "reasons": {"type": "STRING"},
-    },
-    "required": ["preferred", "a_score", "b_score", "reasons"],
-    "propertyOrdering": ["preferred", "a_score", "b_score", "reasons"],
-}
+
+
+def _json_number(v: Any) -> Any:
+    """Scores must be JSON numbers: no booleans, no numeric strings (pydantic's lax int would take both)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("a JSON number expected")
+    return v
+
+
+def _preferred(v: Any) -> Any:
+    """``"a"`` / ``" B "`` / ``"TIE"`` read as ``A`` / ``B`` / ``tie``."""
+    return {"a": "A", "b": "B", "tie": "tie"}.get(v.strip().lower(), v) if isinstance(v, str) else v
+
+
+def _drop_additional_properties(schema: dict) -> None:
+    """Extra keys are refused on receipt, but the schema sent says nothing about them: the Gemini Developer API's
+    response schema has no ``additionalProperties`` (google-genai refuses it outside Vertex)."""
+    schema.pop("additionalProperties", None)
+
+
+Score = Annotated[int, Field(ge=0, le=100), BeforeValidator(_json_number)]  # 50.0 is 50; 1.5 is refused
+
+
+class JudgeAnswer(BaseModel):
+    """The JSON contract of Prompt 11.1: the response schema sent to Gemini, and the validation of every answer."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_drop_additional_properties)
+
+    preferred: Annotated[Literal["A", "B", "tie"], BeforeValidator(_preferred)]
+    a_score: Score
+    b_score: Score
+    reasons: str
+
 
 SKIPPED_NO_KEY = "skipped (no GEMINI_API_KEY)"
 ORDERS = ("AB", "BA")  # AB: image_a shown as "Image A"; BA: image_b shown as "Image A"
@@ -127,94 +158,62 @@ def _cfg(cfg: dict | None) -> dict:
     return out
 
 
-def wilson_ci(k: int, n: int, z: float = 1.959963984540054) -> list[float] | None:
-    """Wilson score interval for a binomial proportion ``k/n`` (None when ``n == 0``)."""
+def wilson_ci(k: int, n: int) -> list[float] | None:
+    """Wilson score 95 % interval for a binomial proportion ``k/n`` (None when ``n == 0``)."""
     if n <= 0:
         return None
-    p = k / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
 
 
-def _sniff_mime(data: bytes) -> str | None:
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+# Pillow format -> MIME type of the images sent inline as they are (MPO is a JPEG with extra frames); any other
+# format Pillow reads (TIFF, BMP, ...) is re-encoded losslessly as PNG.
+INLINE_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 
 
-def _to_png(data: bytes) -> bytes:
-    from PIL import Image
-
+def _encode(data: bytes, fmt: str, **save: Any) -> bytes:
     with Image.open(io.BytesIO(data)) as im:
         buf = io.BytesIO()
-        im.save(buf, format="PNG")
+        (im.convert("RGB") if fmt == "JPEG" else im).save(buf, format=fmt, **save)
         return buf.getvalue()
 
 
-def _to_jpeg(data: bytes, quality: int = 95) -> bytes:
-    from PIL import Image
-
+def _inline_image(data: bytes) -> tuple[bytes, str, bool]:
+    """Bytes and MIME type to send for one image file's bytes (format detected by Pillow), and whether re-encoded."""
     with Image.open(io.BytesIO(data)) as im:
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=quality)
-        return buf.getvalue()
+        mime = INLINE_MIME.get(str(im.format))
+    if mime is not None:
+        return data, mime, False
+    return _encode(data, "PNG"), "image/png", True
 
 
 def load_pair_images(path_a: str | os.PathLike, path_b: str | os.PathLike, inline_limit_mb: float) -> tuple[tuple[bytes, str], tuple[bytes, str], str]:
     """Bytes + MIME type of both images, and the encoding used (``original`` / ``png`` / ``jpeg95``)."""
-    raw = [Path(path_a).read_bytes(), Path(path_b).read_bytes()]
     encoding = "original"
     imgs = []
-    for data in raw:
-        mime = _sniff_mime(data)
-        if mime is None:  # e.g. TIFF / BMP: convert losslessly
-            data, mime, encoding = _to_png(data), "image/png", "png"
+    for path in (path_a, path_b):
+        data, mime, converted = _inline_image(Path(path).read_bytes())
+        if converted:
+            encoding = "png"
         imgs.append((data, mime))
     if inline_limit_mb and sum(len(d) for d, _ in imgs) > inline_limit_mb * 1024 * 1024:
         # both re-encoded the same way so neither side is favoured by the compression
-        imgs = [(_to_jpeg(d), "image/jpeg") for d, _ in imgs]
+        imgs = [(_encode(d, "JPEG", quality=95), "image/jpeg") for d, _ in imgs]
         encoding = "jpeg95"
     return imgs[0], imgs[1], encoding
 
 
-def validate_answer(text: Any) -> dict:
-    """Parse + validate one judge answer against Prompt 11.1's JSON contract; raise :class:`InvalidAnswer`."""
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidAnswer("empty answer (no text in the response)")
-    s = text.strip()
-    if s.startswith("```"):  # tolerate a fenced block; anything else around the JSON is malformed
+def validate_answer(answer: JudgeAnswer | str) -> dict:
+    """One judge answer as a dict: the SDK's parsed :class:`JudgeAnswer`, or answer text validated by the same model
+    (a fenced JSON block is tolerated; anything else around the JSON is malformed). Raises :class:`InvalidAnswer`."""
+    if isinstance(answer, JudgeAnswer):
+        return answer.model_dump()
+    s = answer.strip() if isinstance(answer, str) else answer
+    if isinstance(s, str) and s.startswith("```"):
         s = s.strip("`").strip()
         if s.lower().startswith("json"):
             s = s[4:].strip()
-    try:
-        obj = json.loads(s)
-    except ValueError as e:
-        raise InvalidAnswer(f"answer is not valid JSON ({e}): {text[:200]!r}") from None
-    if not isinstance(obj, dict):
-        raise InvalidAnswer(f"answer is not a JSON object: {text[:200]!r}")
-    expected = {"preferred", "a_score", "b_score", "reasons"}
-    missing, extra = expected - obj.keys(), obj.keys() - expected
-    if missing or extra:
-        raise InvalidAnswer(f"off-schema answer (missing {sorted(missing)}, unexpected {sorted(extra)})")
-    pref = obj["preferred"]
-    if not isinstance(pref, str) or pref.strip().lower() not in ("a", "b", "tie"):
-        raise InvalidAnswer(f"off-schema 'preferred': {pref!r}")
-    pref = {"a": "A", "b": "B", "tie": "tie"}[pref.strip().lower()]
-    scores = {}
-    for k in ("a_score", "b_score"):
-        v = obj[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or not 0 <= v <= 100:
-            raise InvalidAnswer(f"off-schema {k!r}: {v!r} (integer 0-100 expected)")
-        scores[k] = int(v)
-    if not isinstance(obj["reasons"], str):
-        raise InvalidAnswer("off-schema 'reasons' (string expected)")
-    return {"preferred": pref, "a_score": scores["a_score"], "b_score": scores["b_score"], "reasons": obj["reasons"]}
+    return parse_answer(JudgeAnswer, s).model_dump()
 
 
 def preferred_image(answer: dict, order: str) -> str:
@@ -262,7 +261,7 @@ class GeminiJudge:
         self.thinking_budget = int(self.cfg["thinking_budget"]) if thinking else 0
         gen: dict[str, Any] = {
             "response_mime_type": "application/json",
-            "response_schema": RESPONSE_SCHEMA,
+            "response_schema": JudgeAnswer,
             "thinking_config": types.ThinkingConfig(thinking_budget=self.thinking_budget),
             "automatic_function_calling": types.AutomaticFunctionCallingConfig(disable=True),  # no tools here
         }
@@ -325,7 +324,8 @@ class GeminiJudge:
                 raise InvalidAnswer(f"no answer text (block_reason={reason})")
             if any(sec and sec in text for sec in self._secrets):  # never store an echoed key
                 raise InvalidAnswer("answer echoes the API key; discarded")
-            return text
+            # parsed is None when the text did not validate: validate_answer then re-reads the text to say why
+            return resp.parsed if isinstance(resp.parsed, JudgeAnswer) else text
 
         out = call_with_retries(call, validate_answer, self.policy, self._secrets, what=what,
                                 should_stop=self.fatal.is_set)
@@ -376,7 +376,8 @@ class GeminiJudge:
 
 
 # ----------------------------------------------------------------------------------------------------- aggregation
-def summarize(records: list[dict], model: str, status: str = "ok", n_requests: int | None = None) -> dict:
+def summarize(records: list[dict], model: str, status: str = "ok", n_requests: int | None = None,
+              error: str | None = None) -> dict:
     ok = [r for r in records if r.get("status") == "ok"]
     wins_a = sum(r["verdict"] == "A" for r in ok)
     wins_b = sum(r["verdict"] == "B" for r in ok)
@@ -412,11 +413,33 @@ def summarize(records: list[dict], model: str, status: str = "ok", n_requests: i
     }
     if n_requests is not None:
         summary["requests"] = n_requests
+    if error is not None:
+        summary["error"] = error
     return summary
 
 
+def run_status(records: list[dict]) -> tuple[str, str | None]:
+    """(status, error) of a finished run: ``ok``, ``failed`` (no pair judged) or ``error (fatal API error: ...)``."""
+    fatal_errors = [e["error"] for r in records for o in r.get("orders", {}).values() for e in o.get("errors", [])
+                    if e.get("kind") == "fatal"]
+    # the error that stopped the run, not the "aborted" notes of the requests it cancelled
+    fatal = next((m for m in fatal_errors if not m.startswith("aborted")), fatal_errors[0] if fatal_errors else None)
+    if records and not any(r.get("status") == "ok" for r in records):
+        counts = Counter(str(r.get("status", "error")) for r in records)
+        why = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        return "failed", f"no pair could be judged ({why})" + (f"; fatal API error: {fatal}" if fatal else "")
+    if fatal is not None:
+        return f"error (fatal API error: {fatal})", f"fatal API error: {fatal}"
+    return "ok", None
+
+
+def succeeded(summary: dict) -> bool:
+    """True for ``ok`` and for the skip without a key; false when no pair was judged or a fatal error stopped it."""
+    status = str(summary.get("status"))
+    return not (status == "failed" or status.startswith("error"))
+
+
 def _write_outputs(out_dir: Path, records: list[dict], summary: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "verdicts.jsonl", "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records))
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
@@ -428,7 +451,7 @@ def judge_pairs(pairs: list[dict], cfg: dict, cache_dir: Path | None, out_dir: P
     ``cfg`` is params.yaml's ``judge`` section (missing keys take :data:`DEFAULTS`). With ``out_dir``, writes
     ``verdicts.jsonl`` (one record per pair: both orders' parsed answers, attempts, errors, final verdict, status)
     and ``summary.json`` atomically. Without a GEMINI_API_KEY / GOOGLE_API_KEY: no request, status
-    ``"skipped (no GEMINI_API_KEY)"``.
+    ``"skipped (no GEMINI_API_KEY)"``. The other statuses (``ok`` / ``failed`` / ``error (...)``): :func:`run_status`.
     """
     c = _cfg(cfg)
     model = str(c["model"])
@@ -468,12 +491,8 @@ def judge_pairs(pairs: list[dict], cfg: dict, cache_dir: Path | None, out_dir: P
     if bar is not None:
         bar.close()
     recs = [r for r in records if r is not None]
-    status = "ok"
-    if judge.fatal.is_set():
-        fatal_msgs = [e["error"] for r in recs for o in r.get("orders", {}).values() for e in o.get("errors", [])
-                      if e.get("kind") == "fatal"]
-        status = "error (fatal API error: " + (fatal_msgs[0] if fatal_msgs else "unknown") + ")"
-    summary = summarize(recs, model, status=status, n_requests=judge.n_requests)
+    status, error = run_status(recs)
+    summary = summarize(recs, model, status=status, n_requests=judge.n_requests, error=error)
     summary["seconds"] = round(time.time() - t0, 3)
     summary["base_url"] = str(c.get("base_url") or "") or "official"
     summary = json.loads(redact(json.dumps(summary), [key]))
@@ -481,81 +500,3 @@ def judge_pairs(pairs: list[dict], cfg: dict, cache_dir: Path | None, out_dir: P
         _write_outputs(Path(out_dir), recs, summary)
     log.info("judge: %s", {k: summary[k] for k in ("status", "pairs", "wins_a", "wins_b", "ties", "invalid")})
     return summary
-
-
-# ------------------------------------------------------------------------------------------------------------- CLI
-def _load_params_section(path: Path, section: str) -> dict:
-    if not path.is_file():
-        return {}
-    from ultraflux.config import parse_yaml
-
-    data = parse_yaml(path.read_text()) or {}
-    sec = data.get(section) or {}
-    return dict(sec) if isinstance(sec, dict) else {}
-
-
-def read_prompts_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not isinstance(obj.get("prompt"), str):
-            raise ValueError(f'{path}:{n}: expected {{"image": "<file name>", "prompt": "<text>"}}')
-        rows.append(obj)
-    return rows
-
-
-def cli_judge(argv: list[str]) -> int:
-    """``ultraflux judge DIR_A DIR_B --prompts PROMPTS.jsonl [--base-url URL] [--model M] [--out DIR] [--cache DIR]``.
-
-    Pairs are matched by file name (``image`` in each PROMPTS.jsonl line) in both folders. Prints the JSON summary on
-    stdout; writes ``verdicts.jsonl`` + ``summary.json`` to ``--out`` (default: ``<parent of DIR_A>/judge_<A>_vs_<B>_
-    <UTC timestamp>``). ``--cache`` defaults to ``$ULTRAFLUX_CACHE_DIR/judge`` (else ``~/.cache/ultraflux/judge``).
-    Settings come from ``--params`` (default ``params.yaml``, section ``judge``), overridden by the flags.
-    Exit status: 0 (ok or skipped without a key), 1 (fatal API error), 2 (bad arguments / inputs).
-    """
-    ap = argparse.ArgumentParser(prog="ultraflux judge", description="Gemini pairwise preference judge (seed Sec. 11).")
-    ap.add_argument("dir_a", type=Path, help="folder of images from model A")
-    ap.add_argument("dir_b", type=Path, help="folder of images from model B")
-    ap.add_argument("--prompts", type=Path, required=True, help='JSONL: {"image": "<file name>", "prompt": "<text>"} per line')
-    ap.add_argument("--base-url", default=None, help='endpoint (default: params judge.base_url; "" = official)')
-    ap.add_argument("--model", default=None, help="model (default: params judge.model)")
-    ap.add_argument("--out", type=Path, default=None, help="output folder for verdicts.jsonl + summary.json")
-    ap.add_argument("--cache", type=Path, default=None, help="answer cache folder")
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (section: judge)")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-
-    for d in (args.dir_a, args.dir_b):
-        if not d.is_dir():
-            print(f"ultraflux judge: not a folder: {d}", file=sys.stderr)
-            return 2
-    try:
-        rows = read_prompts_jsonl(args.prompts)
-        cfg = _load_params_section(args.params, "judge")
-    except (OSError, ValueError) as e:
-        print(f"ultraflux judge: {e}", file=sys.stderr)
-        return 2
-    if args.base_url is not None:
-        cfg["base_url"] = args.base_url
-    if args.model is not None:
-        cfg["model"] = args.model
-    pairs = [{"id": str(r.get("id", r["image"])), "image_a": args.dir_a / r["image"], "image_b": args.dir_b / r["image"],
-              "prompt": r["prompt"]} for r in rows]
-    out = args.out
-    if out is None:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        out = args.dir_a.resolve().parent / f"judge_{args.dir_a.resolve().name}_vs_{args.dir_b.resolve().name}_{stamp}"
-    cache = args.cache if args.cache is not None else default_cache_root() / "judge"
-    summary = judge_pairs(pairs, cfg, cache, out, progress=not args.no_progress)
-    summary["out"] = str(out)
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    return 1 if str(summary["status"]).startswith("error") else 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(cli_judge(sys.argv[1:]))

@@ -1,11 +1,13 @@
 """GPT-4o prompt refiner (seed Sec. 12, Prompt 12.1).
 
 Short prompts are expanded into rich, high-aesthetic prompts with the seed's system prompt and user prompt template
-(verbatim). The answer is requested as strict structured output; since strict schemas need an object at the root,
-the seed's JSON list is wrapped as ``{"prompts": [...]}``. Each answer is validated on receipt -- exactly one refined
-prompt per input, each a single line (no newline, no list numbering / bullet) of ``min_words``-``max_words`` words
-(55-100 per the seed) -- and retried (bounded, with exponential back-off + jitter) otherwise; a refusal
-(``message.refusal``) is recorded and retried too. When the budget is spent :class:`RefinerError` is raised with every
+(verbatim). The answer is requested as strict structured output with the pydantic model :class:`RefinedPrompts`
+(``client.chat.completions.parse(response_format=RefinedPrompts)``, read from ``message.parsed``); since strict
+schemas need an object at the root, the seed's JSON list is wrapped as ``{"prompts": [...]}``. Each answer is then
+checked against what the schema cannot say -- exactly one refined prompt per input, each a single line (no newline,
+no list numbering / bullet) of ``min_words``-``max_words`` words (55-100 per the seed) -- and retried (bounded, with
+exponential back-off + jitter) otherwise; an answer the model does not validate, and a refusal (``message.refusal``),
+are recorded and retried too. When the budget is spent :class:`RefinerError` is raised with every
 attempt's failure: prompts are never invented or padded.
 
 Prompts are sent in batches of ``batch_size``; each validated batch is cached on disk under (the batch's prompts,
@@ -21,7 +23,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ._llm import DiskCache, InvalidAnswer, RetryPolicy, call_with_retries, env_key, sha256_text
+from pydantic import BaseModel, ConfigDict
+
+from ultraflux.io import sha256_text
+
+from ._llm import DiskCache, InvalidAnswer, RetryPolicy, call_with_retries, env_key, parse_answer
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +74,14 @@ EXPECTED_OUTPUT_FORMAT = (
     "```"
 )
 
-# Strict structured output: object root wrapping the seed's list.
-RESPONSE_FORMAT: dict[str, Any] = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "refined_prompts",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {"prompts": {"type": "array", "items": {"type": "string"}}},
-            "required": ["prompts"],
-            "additionalProperties": False,
-        },
-    },
-}
+
+class RefinedPrompts(BaseModel):
+    """Strict structured output: an object root wrapping the seed's list of refined prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str]
+
 
 DEFAULTS: dict[str, Any] = {
     "model": "gpt-4o",
@@ -134,17 +134,11 @@ def render_user_prompt(prompts: list[str], language: str, include_output_format:
     return text
 
 
-def validate_refined(content: Any, n_expected: int, min_words: int, max_words: int, language: str) -> list[str]:
-    """Parse ``{"prompts": [...]}`` and check count, single-line items and word counts; raise :class:`InvalidAnswer`."""
-    if not isinstance(content, str) or not content.strip():
-        raise InvalidAnswer("empty answer")
-    try:
-        obj = json.loads(content)
-    except ValueError as e:
-        raise InvalidAnswer(f"answer is not valid JSON ({e}): {content[:200]!r}") from None
-    items = obj.get("prompts") if isinstance(obj, dict) else None
-    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-        raise InvalidAnswer('off-schema answer: expected {"prompts": [string, ...]}')
+def validate_refined(answer: RefinedPrompts | str, n_expected: int, min_words: int, max_words: int,
+                     language: str) -> list[str]:
+    """The refined prompts of an answer (the SDK's parsed :class:`RefinedPrompts`, or JSON text validated by it),
+    checked for count, single-line items and word counts; raises :class:`InvalidAnswer`."""
+    items = (answer if isinstance(answer, RefinedPrompts) else parse_answer(RefinedPrompts, answer)).prompts
     if len(items) != n_expected:
         raise InvalidAnswer(f"wrong number of refined prompts: got {len(items)}, expected {n_expected} (one per input)")
     problems = []
@@ -209,24 +203,23 @@ def refine_prompts(prompts: list[str], cfg: dict, cache_dir: Path | None) -> lis
         req: dict[str, Any] = {
             "model": model,
             "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
-            "response_format": RESPONSE_FORMAT,
+            "response_format": RefinedPrompts,
         }
         if c.get("temperature") is not None:
             req["temperature"] = float(c["temperature"])
 
         def call(req=req):
-            resp = client.chat.completions.create(**req)
+            # parse() raises LengthFinishReasonError / ContentFilterFinishReasonError (a truncated or filtered
+            # answer) and pydantic's ValidationError (an answer RefinedPrompts does not validate): all "invalid".
+            resp = client.chat.completions.parse(**req)
             if not resp.choices:
                 raise InvalidAnswer("response has no choices")
-            choice = resp.choices[0]
-            msg = choice.message
-            if getattr(msg, "refusal", None):
+            msg = resp.choices[0].message
+            if msg.refusal:
                 raise InvalidAnswer(f"model refused: {msg.refusal}")
-            if choice.finish_reason == "length":
-                raise InvalidAnswer("answer truncated (finish_reason=length)")
             if key and msg.content and key in msg.content:  # never store or return an echoed key
                 raise InvalidAnswer("answer echoes the API key; discarded")
-            return msg.content
+            return msg.parsed if msg.parsed is not None else msg.content  # no parsed answer: re-read to say why
 
         n = len(batch)
         out = call_with_retries(
