@@ -1,96 +1,282 @@
-"""The run report: one self-contained HTML file (images embedded) a person opens after `dvc repro`."""
+"""The run report: one self-contained HTML file (every picture embedded, nothing fetched) a researcher opens first.
+
+Sections, in reading order: what this run is (experiment, commit, data source, the params that differ from the
+committed params.yaml), the headline numbers, the training curves (VAE loss and held-out PSNR, DiT loss and
+validation loss per timestep), curation (counts per reason, kept and rejected examples with their scores, the
+statistics' histograms), the VAE (reconstruction metrics, input vs reconstruction crops), the samples with their
+prompts, the generation metrics per aspect ratio, the diagnostics (seed Figs. 1-3), the Gemini judge, stage times.
+
+It reads only files: ``outputs/results/<stage>.json`` (what each stage returned), ``metrics/<stage>.json`` (DVC
+metrics), the loss / validation CSVs, ``outputs/curated/examples``, ``outputs/evaluate/recon``, ``outputs/samples``
+and ``outputs/diagnostics``. A missing part says "not run" instead of failing the report.
+"""
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
+import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
-from ultraflux.io import atomic_path, sha256_json
+from ultraflux.io import atomic_path
 
 STAGES = ["curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"]
+THUMB = 384          # px, long side of an embedded sample / example thumbnail
+CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}"
+       "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
+       "figure{display:inline-block;margin:4px;vertical-align:top}"
+       "figcaption{font-size:12px;color:#333;max-width:400px}h2{border-bottom:1px solid #ddd;padding-top:.6em}.muted{color:#777}")
 
 
-def _img(path: Path, width: int = 480) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}" width="{width}"><figcaption>{html.escape(path.name)}' \
-           f'</figcaption></figure>'
+# ----------------------------------------------------------------------------------------------- html helpers
+def _esc(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else _esc(v)
 
 
 def _table(rows: list[dict]) -> str:
     if not rows:
-        return "<p><em>no data</em></p>"
+        return "<p class='muted'>no data</p>"
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))  # noqa: E731
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _kv(d: dict) -> str:
-    """A one-record dict as a two-column table (wide records stay readable)."""
-    return _table([{"metric": k, "value": v} for k, v in d.items() if not isinstance(v, dict)])
+    return _table([{"key": k, "value": v} for k, v in d.items()])
 
 
-def _split_learned(row: dict) -> dict:
-    """Collapse the 'not computed (no weights at ...)' entries of a metrics row into one column."""
-    missing = [k for k, v in row.items() if isinstance(v, str) and v.startswith("not computed")]
-    out = {k: v for k, v in row.items() if k not in missing}
-    if missing:
-        out["not computed (no local weights)"] = ", ".join(missing)
+def _data_uri(image, fmt: str = "JPEG", long_side: int | None = THUMB) -> str:
+    """A PIL image (or path) as a data: URI, downscaled so the report stays small whatever the image size."""
+    from PIL import Image
+
+    im = Image.open(image) if isinstance(image, (str, Path)) else image
+    im = im.convert("RGB")
+    if long_side and max(im.size) > long_side:
+        im.thumbnail((long_side, long_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, quality=88) if fmt == "JPEG" else im.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def _figure(image, caption: str = "", width: int | None = None, fmt: str = "JPEG",
+            long_side: int | None = THUMB) -> str:
+    w = f" width='{width}'" if width else ""
+    return (f"<figure><img src='{_data_uri(image, fmt, long_side)}'{w}>"
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _plot(draw, width: float = 6.0, height: float = 3.6) -> str:
+    """Run ``draw(ax)`` on a fresh matplotlib figure; the PNG, embedded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return _figure(Image.open(buf), fmt="PNG", long_side=None)
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ----------------------------------------------------------------------------------------------- header
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
-def _load(metrics_dir: Path, stage: str) -> dict:
-    p = metrics_dir / f"{stage}.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+def committed_params(params_path: Path = Path("params.yaml")) -> dict | None:
+    """params.yaml as committed at HEAD (None outside git)."""
+    from ultraflux.config import parse_yaml
+
+    proc = subprocess.run(["git", "show", f"HEAD:{params_path.as_posix()}"], capture_output=True, text=True)
+    return parse_yaml(proc.stdout) if proc.returncode == 0 else None
 
 
-def write_report(params: dict, metrics_dir: Path, outputs: Path, out_path: Path, timings_dir: Path = Path("timings")) -> Path:
-    m = {s: _load(metrics_dir, s) for s in STAGES}
-    t = {s: _load(timings_dir, s) for s in STAGES}
-    parts = ["<html><head><meta charset='utf-8'><title>UltraFlux run report</title><style>"
-             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-             "padding:3px 8px}figure{display:inline-block;margin:4px}</style></head><body>",
-             "<h1>UltraFlux run report</h1>",
-             f"<p>params digest <code>{sha256_json(params)[:16]}</code> &middot; data.variant "
-             f"<b>{html.escape(str(params['data']['variant']))}</b> &middot; objective <b>{params['objective']}</b>"
-             f" &middot; rope.kind <b>{params['rope']['kind']}</b> &middot; seed {params['seed']}</p>"]
+def params_diff(params: dict, committed: dict | None) -> list[dict]:
+    if committed is None:
+        return []
+    now, then = _flatten(params), _flatten(committed)
+    return [{"param": k, "committed": then.get(k, "(absent)"), "this run": now.get(k, "(absent)")}
+            for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
 
-    parts.append("<h2>Curation (seed Sec. 2.1)</h2>")
-    parts.append(_kv(m["curate"]))
+
+def _header(params: dict) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    data = params["data"]
+    source = data["source"] or (f"generated procedural set ({data['synthetic']['num_images']} images, long side "
+                                f"{data['synthetic']['long_side']} px)")
+    exp = os.environ.get("DVC_EXP_NAME") or "workspace (dvc repro)"
+    diff = params_diff(params, committed_params())
+    rows = [{"experiment": exp, "git commit": commit or "unknown", "data source": source,
+             "data.variant": data["variant"], "objective": params["objective"], "rope.kind": params["rope"]["kind"],
+             "seed": params["seed"]}]
+    out = [_table(rows), "<h3>Params that differ from the committed params.yaml</h3>"]
+    out.append(_table(diff) if diff else "<p class='muted'>none: this run uses the committed params.yaml</p>")
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- sections
+def _curves(outputs: Path) -> str:
+    import pandas as pd
+
+    parts = []
+    vae = outputs / "vae" / "loss.csv"
+    if vae.is_file():
+        df = pd.read_csv(vae)
+
+        def draw_vae(ax):
+            ax.plot(df["step"], df["loss"], label="training loss")
+            ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title("VAE decoder post-training")
+            if "holdout_psnr" in df:
+                ax2 = ax.twinx()
+                ok = df["holdout_psnr"].notna()
+                ax2.plot(df.loc[ok, "step"], df.loc[ok, "holdout_psnr"], "o-", color="C1", label="held-out PSNR")
+                ax2.set_ylabel("PSNR (dB)")
+            ax.legend(loc="upper right", fontsize=8)
+        parts.append(_plot(draw_vae))
+    for stage in ("dit_stage1", "dit_stage2"):
+        loss, val = outputs / stage / "loss.csv", outputs / stage / "val_loss.csv"
+        if loss.is_file():
+            df = pd.read_csv(loss)
+
+            def draw_loss(ax, df=df, stage=stage):
+                ax.plot(df["step"], df["loss"], alpha=0.35, label="per step")
+                ax.plot(df["step"], df["loss"].rolling(max(1, len(df) // 20), min_periods=1).mean(), label="smoothed")
+                ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_title(f"{stage}: training loss")
+                ax.legend(fontsize=8)
+            parts.append(_plot(draw_loss))
+        if val.is_file():
+            dv = pd.read_csv(val)
+
+            def draw_val(ax, dv=dv, stage=stage):
+                for c in [c for c in dv.columns if c not in ("step", "val_loss")]:
+                    ax.plot(dv["step"], dv[c], lw=0.8, alpha=0.6, label=c)
+                if "val_loss" in dv:
+                    ax.plot(dv["step"], dv["val_loss"], "k-o", lw=2, label="mean")
+                ax.set_xlabel("step"), ax.set_ylabel("validation loss"), ax.set_yscale("log")
+                ax.set_title(f"{stage}: held-out loss at fixed sigmas and noise")
+                ax.legend(fontsize=6, ncol=2)
+            parts.append(_plot(draw_val))
+    return "".join(parts) or "<p class='muted'>not run</p>"
+
+
+def _curation(results: dict, outputs: Path) -> str:
+    cur = results.get("curate") or {}
+    if not cur:
+        return "<p class='muted'>not run</p>"
+    counts = {k: v for k, v in cur.items() if k.startswith(("num_", "rejected_")) and isinstance(v, (int, float))}
+    parts = [_kv({"quality scorer": cur.get("quality_scorer"), "aesthetic scorer": cur.get("aesthetic_scorer"),
+                  **counts})]
+    examples = outputs / "curated" / "examples"
+    index = _load_json(examples / "index.json")
+    for group, items in (index.get("groups") or {}).items():
+        parts.append(f"<h3>{_esc(group)} ({len(items)} shown)</h3>")
+        for it in items:
+            scores = ", ".join(f"{k} {_fmt(v)}" for k, v in (it.get("scores") or {}).items())
+            parts.append(_figure(examples / it["file"], f"{_esc(Path(it['source']).name)}<br>{_esc(scores)}",
+                                 long_side=256))
+    if not index:
+        parts.append("<p class='muted'>no example thumbnails (outputs/curated/examples)</p>")
     for png in sorted((outputs / "curated" / "plots").glob("*.png")):
-        parts.append(_img(png, 420))
+        parts.append(_figure(png, _esc(png.stem), fmt="PNG", long_side=None, width=420))
+    return "".join(parts)
 
-    vae = m["evaluate"].get("vae", {})
-    parts.append("<h2>VAE reconstruction (seed Table 2 columns)</h2>")
-    parts.append(_table([_split_learned({"model": "this run's F16 VAE", **vae})]))
-    parts.append("<p>Paper (Aesthetic-4K@4096): UltraFlux-F16-VAE rFID 0.547, NMSE 0.00657, PSNR 30.70, SSIM 0.852, "
-                 "LPIPS 0.102.</p>")
 
-    parts.append("<h2>Generation per aspect ratio (seed Table 5 columns + Diffusion-4K detail metrics)</h2>")
-    gen = m["evaluate"].get("generation", {})
-    parts.append(_table([_split_learned({"aspect": a.replace("x", ":"), **v}) for a, v in gen.items()]))
+def _vae(results: dict, outputs: Path) -> str:
+    vae = (results.get("evaluate") or {}).get("vae") or {}
+    parts = [_table([{"model": "this run's F16 VAE", **vae}]),
+             "<p>Paper (Aesthetic-4K@4096, seed Table 2): UltraFlux-F16-VAE rFID 0.547, NMSE 0.00657, PSNR 30.70, "
+             "SSIM 0.852, LPIPS 0.102.</p>"]
+    for png in sorted((outputs / "evaluate" / "recon").glob("*.png")):
+        parts.append(_figure(png, f"{_esc(png.stem)}: input | reconstruction", fmt="PNG", long_side=None, width=520))
+    return "".join(parts)
 
-    parts.append("<h2>Samples (stage 2 model; seed/prompt fixed)</h2>")
-    for grid in sorted((outputs / "samples" / "dit_stage2").glob("grid_*.png")):
-        parts.append(f"<h3>{grid.stem[5:].replace('x', ':')}</h3>" + _img(grid, 900))
 
-    parts.append("<h2>Diagnostics (seed Figs. 1-3)</h2>")
-    parts.append(_kv(m["diagnostics"]) if m["diagnostics"] else "<p><em>not run</em></p>")
+def _samples(params: dict, outputs: Path) -> str:
+    from PIL import Image
+
+    samples = outputs / "samples"
+    prompts = json.loads((samples / "prompts.json").read_text()) if (samples / "prompts.json").is_file() else []
+    parts = []
+    for aspect in params["sample"]["aspects"]:
+        folder = samples / "dit_stage2" / aspect.replace(":", "x")
+        parts.append(f"<h3>{_esc(aspect)}</h3>")
+        for img in sorted(folder.glob("*.png")):
+            i = int(img.stem) if img.stem.isdigit() else -1
+            prompt = prompts[i] if 0 <= i < len(prompts) else ""
+            with Image.open(img) as im:
+                size = f"{im.width}x{im.height}"
+            parts.append(_figure(img, f"<b>{size}</b> &middot; {_esc(prompt)}"))
+    return "".join(parts) or "<p class='muted'>not run</p>"
+
+
+def _generation(results: dict) -> str:
+    gen = (results.get("evaluate") or {}).get("generation") or {}
+    rows = []
+    for aspect, m in gen.items():
+        missing = [k for k, v in m.items() if isinstance(v, str) and v.startswith("not computed")]
+        row = {"aspect": aspect.replace("x", ":"), **{k: v for k, v in m.items() if k not in missing}}
+        if missing:
+            row["not computed (no local weights)"] = ", ".join(missing)
+        rows.append(row)
+    return _table(rows)
+
+
+def _diagnostics(results: dict, outputs: Path) -> str:
+    parts = [_kv(results["diagnostics"])] if results.get("diagnostics") else ["<p class='muted'>not run</p>"]
     for png in sorted((outputs / "diagnostics").glob("*.png")):
-        parts.append(_img(png, 560))
+        parts.append(_figure(png, _esc(png.stem), fmt="PNG", long_side=None, width=640))
+    return "".join(parts)
 
-    parts.append("<h2>Gemini pairwise preference (seed Sec. 11): stage 2 (A) vs stage 1 (B)</h2>")
-    parts.append(_kv(m["judge"]) if m["judge"] else "<p><em>not run</em></p>")
 
-    parts.append("<h2>Training</h2>")
-    parts.append(_table([{"stage": s, **{k: v for k, v in m[s].items() if not isinstance(v, dict)}}
-                         for s in ("vae", "dit_stage1", "dit_stage2")]))
-    parts.append("<h2>Per-stage wall time (s)</h2>")
-    parts.append("<p>From the last execution of each stage in this workspace (DVC skips unchanged stages).</p>")
-    parts.append(_table([{"stage": s, **(t[s] or {"wall_time_s": "not run here"})} for s in STAGES[:-1]]))
-    parts.append("</body></html>")
+def write_report(params: dict, metrics_dir: Path, outputs: Path, out_path: Path,
+                 timings_dir: Path = Path("timings")) -> Path:
+    results = {s: _load_json(outputs / "results" / f"{s}.json") for s in STAGES}
+    metrics = {s: _load_json(metrics_dir / f"{s}.json") for s in STAGES}
+    timings = {s: _load_json(timings_dir / f"{s}.json") for s in STAGES}
+    headline = [{"metric": f"{s}.{k}", "value": v} for s in STAGES for k, v in _flatten(metrics[s]).items()]
+    judge = results.get("judge") or {}
+    sections = [
+        ("What this run is", _header(params)),
+        ("Headline numbers (the DVC metrics)", _table(headline)),
+        ("Training curves", _curves(outputs)),
+        ("Curation (seed Sec. 2.1)", _curation(results, outputs)),
+        ("VAE reconstruction (seed Table 2 columns)", _vae(results, outputs)),
+        ("Samples (stage-2 model; fixed prompts and seeds)", _samples(params, outputs)),
+        ("Generation metrics per aspect ratio (seed Table 5 columns + Diffusion-4K detail metrics)",
+         _generation(results)),
+        ("Diagnostics (seed Figs. 1-3)", _diagnostics(results, outputs)),
+        ("Gemini pairwise preference (seed Sec. 11): stage 2 (A) vs stage 1 (B)",
+         _kv({k: v for k, v in judge.items() if not isinstance(v, dict)}) if judge else "<p class='muted'>not run</p>"),
+        ("Stage wall times (s)", "<p class='muted'>From the last execution of each stage in this workspace (DVC "
+         "skips unchanged stages).</p>" + _table([{"stage": s, **(timings[s] or {"wall_time_s": "not run here"})}
+                                                 for s in STAGES[:-1]])),
+    ]
+    body = "".join(f"<h2>{_esc(title)}</h2>{content}" for title, content in sections)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>UltraFlux run report</title><style>{CSS}"
+            f"</style></head><body><h1>UltraFlux run report</h1>{body}</body></html>")
     with atomic_path(out_path, ".html") as tmp:
-        tmp.write_text("\n".join(parts))
+        tmp.write_text(page)
     return out_path

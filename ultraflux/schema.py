@@ -222,6 +222,7 @@ class Sample(Section):
 
 
 class Evaluate(Section):
+    max_images: PosInt                                   # bound on the held-out / reference images read
     fid_inception_weights: Path
     lpips_weights: Path
     hpsv3_weights: Path

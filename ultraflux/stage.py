@@ -23,6 +23,7 @@ from typing import Callable
 
 from ultraflux.config import ParamsError, get, load_validated, parse_yaml
 from ultraflux.io import sha256_file, write_json
+from ultraflux.quiet import quiet_third_party
 from ultraflux.tracking import NullLogger, flatten, stage_run
 
 STAGE_PARAMS: dict[str, list[str]] = {
@@ -34,13 +35,13 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "sample": ["seed", "model", "rope", "sample", "curate.buckets.scale", "dit_stage2.shift", "refiner"],
     "evaluate": ["model", "sample.aspects", "evaluate"],
     "judge": ["judge"],
-    "report": [],
+    "report": ["*"],   # all of params.yaml (dvc.yaml: `- params.yaml:`): the report shows what differs from the commit
 }
 # The DVC metrics of each stage (dotted keys into what the stage returns): the numbers worth a column.
 HEADLINE: dict[str, list[str]] = {
     "curate": ["num_sources", "num_kept", "num_train", "num_holdout", "num_stage2", "kept_fraction"],
     "vae": ["final_loss", "holdout_psnr", "holdout_ssim"],
-    "diagnostics": ["wavelet.LL.energy_share", "rope.max_closure_error_resonance"],
+    "diagnostics": ["fig3_energy_share_LL", "fig1_max_closure_err_resonance"],
     "dit_stage1": ["final_loss", "final_val_loss"],
     "dit_stage2": ["final_loss", "final_val_loss"],
     "evaluate": ["vae.psnr", "vae.ssim", "vae.nmse"] + [f"generation_mean.{k}" for k in (
@@ -60,6 +61,8 @@ TIMING_KEY = "_timing"  # a stage returns its own timing figures under this key
 
 
 def stage_params(params: dict, stage: str) -> dict:
+    if STAGE_PARAMS[stage] == ["*"]:
+        return params
     return {key: get(params, key) for key in STAGE_PARAMS[stage]}
 
 
@@ -104,6 +107,7 @@ def headline(stage: str, result: dict) -> dict:
 
 def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str = "params.yaml") -> dict:
     """Validate, run ``fn(params, logger)`` inside the stage's MLflow run, write results and metrics (module doc)."""
+    quiet_third_party()
     try:
         params = load_validated(params_path)
         problems = unwritable(declared_outputs(stage))

@@ -1,43 +1,97 @@
-"""The `evaluate` stage: seed Table 2 (VAE reconstruction) and Table 5 (generation, per aspect ratio)."""
+"""The `evaluate` stage: seed Table 2 (VAE reconstruction) and Table 5 (generation, per aspect ratio).
+
+Memory is bounded by ``evaluate.max_images``, not by the dataset: at most that many held-out images are
+reconstructed (Table 2) and at most that many kept images form the real reference set of FID and the FD stand-in,
+read one at a time from the curated shards; both subsets are fixed by the image ids, so runs are comparable.
+A few held-out images are also saved as input | reconstruction crops for the report (``outputs/evaluate/recon``).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ultraflux.evaluation.metrics import generation_metrics, not_computed
+from ultraflux.data.shards import load_image_tensor, open_image
+from ultraflux.evaluation.metrics import build_reference, generation_metrics, not_computed
+
+RECON_EXAMPLES = 4       # held-out images shown as input | reconstruction in the report
+RECON_CROP = 256         # px, the centre crop shown
 
 
-def vae_table(params: dict, curated_dir: Path, vae_dir: Path) -> dict:
+def bounded(rows: pd.DataFrame, n: int) -> pd.DataFrame:
+    """At most ``n`` rows, the same ones whatever the order of the manifest (smallest sha256 of the id)."""
+    if len(rows) <= n:
+        return rows.sort_values("id")
+    key = rows["id"].map(lambda i: hashlib.sha256(i.encode()).hexdigest())
+    return rows.assign(_k=key).sort_values("_k").head(n).drop(columns="_k").sort_values("id")
+
+
+def _crop_pair(x, r) -> Image.Image:
+    """Input and reconstruction (tensors [3, H, W] in [-1, 1]) as one side-by-side centre crop."""
+    h, w = x.shape[-2:]
+    c = min(RECON_CROP, h, w)
+    y0, x0 = (h - c) // 2, (w - c) // 2
+    pair = [((t[:, y0:y0 + c, x0:x0 + c].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            for t in (x, r)]
+    return Image.fromarray(np.concatenate([pair[0], np.full((c, 4, 3), 255, np.uint8), pair[1]], axis=1))
+
+
+def vae_table(params: dict, manifest: pd.DataFrame, curated_dir: Path, vae_dir: Path, recon_dir: Path) -> dict:
     """Reconstruction of the held-out curated images at their bucket size (Table 2 columns)."""
-    from ultraflux.models.vae import build_vae
-    from ultraflux.training.cache import load_image_tensor
-    from ultraflux.training.vae import reconstruction_metrics
+    import torch
 
-    manifest = pd.read_parquet(curated_dir / "manifest.parquet")
+    from ultraflux.evaluation.reconstruction import reconstruct, reconstruction_metrics
+    from ultraflux.models.vae import build_vae
+
     rows = manifest[manifest["kept"] & (manifest["split"] == "holdout")]
-    if rows.empty:  # tiny sets may have no holdout row; fall back to training images and say so
-        rows, split = manifest[manifest["kept"]].head(4), "train (no holdout images)"
-    else:
-        split = "holdout"
+    split = "holdout"
+    if rows.empty:  # the curate guard normally prevents this; say so rather than silently evaluate on train images
+        rows, split = manifest[manifest["kept"]], "train (no holdout images)"
+    rows = bounded(rows, params["evaluate"]["max_images"])
     vae = build_vae({**params["model"], "vae_pretrained": str(vae_dir)}).eval()
-    table = reconstruction_metrics(vae, [load_image_tensor(curated_dir / p) for p in rows["image"]])
+    records = rows.to_dict("records")
+    table = reconstruction_metrics(vae, (load_image_tensor(curated_dir, r) for r in records))
+    recon_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for r in records[:RECON_EXAMPLES]:
+            x = load_image_tensor(curated_dir, r)
+            _crop_pair(x, reconstruct(vae, x[None])[0]).save(recon_dir / f"{r['id']}.png")
     return {**table, "rfid": not_computed("rfid"), "lpips": not_computed("lpips"), "split": split,
             "num_images": int(len(rows))}
 
 
-def evaluate_run(params: dict, curated_dir: Path, vae_dir: Path, samples_dir: Path) -> dict:
-    """Generation metrics per aspect ratio of the stage-2 samples; the real reference set is the kept curated images."""
+def _mean_over_aspects(generation: dict) -> dict:
+    """Mean of each metric over the aspect ratios when it is a number in every one; else the first reason."""
+    keys = sorted({k for m in generation.values() for k in m} - {"num_images"})
+    out = {}
+    for k in keys:
+        values = [m.get(k) for m in generation.values()]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out[k] = float(np.mean(numbers)) if len(numbers) == len(values) else next(
+            (v for v in values if isinstance(v, str)), "not reported")
+    return out
+
+
+def evaluate_run(params: dict, curated_dir: Path, vae_dir: Path, samples_dir: Path,
+                 out_dir: Path = Path("outputs/evaluate")) -> dict:
+    """Generation metrics per aspect ratio of the stage-2 samples against a bounded real reference set."""
     manifest = pd.read_parquet(curated_dir / "manifest.parquet")
-    real = [Image.open(curated_dir / p).convert("RGB") for p in manifest.loc[manifest["kept"], "image"]]
+    cfg = params["evaluate"]
+    out: dict = {"vae": vae_table(params, manifest, curated_dir, vae_dir, out_dir / "recon"), "generation": {}}
+    kept = bounded(manifest[manifest["kept"]], cfg["max_images"])
+    reference = build_reference((open_image(curated_dir, r) for r in kept.to_dict("records")),
+                                cfg.get("fid_inception_weights") or "")
     prompts = json.loads((samples_dir / "prompts.json").read_text())
-    out: dict = {"vae": vae_table(params, curated_dir, vae_dir), "generation": {}}
     for aspect in params["sample"]["aspects"]:
         paths = sorted((samples_dir / "dit_stage2" / aspect.replace(":", "x")).glob("*.png"))
         images = [Image.open(p).convert("RGB") for p in paths]
         if images:  # file i.png was generated from prompt i (ultraflux.sampling.sample_set)
             out["generation"][aspect.replace(":", "x")] = generation_metrics(
-                images, params, real, [str(p) for p in paths], [prompts[int(p.stem)] for p in paths])
+                images, params, reference, [str(p) for p in paths], [prompts[int(p.stem)] for p in paths])
+    out["generation_mean"] = _mean_over_aspects(out["generation"])
+    out["num_reference_images"] = reference.num_images
     return out

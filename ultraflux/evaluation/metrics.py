@@ -22,6 +22,8 @@ be compared on the embedded profile; they are not the paper's metrics:
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -84,21 +86,54 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
 
 
-def fid(real: list[Image.Image], fake: list[Image.Image], weights_path: str) -> float | str:
-    """torchmetrics FID with a local Inception weights file; a clear string when the extra is not installed."""
+def fid_metric(weights_path: str):
+    """torchmetrics FID with a local Inception weights file (real statistics kept across resets), or the reason."""
     try:
-        import torch
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError as e:  # pragma: no cover - depends on the optional extra
         return f"not computed ({e}; install the vision extra)"
     try:
-        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights_path)
+        return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights_path,
+                                        reset_real_features=False)
     except (ModuleNotFoundError, ImportError) as e:
         return f"not computed (FID backend unavailable: {e}; install the vision extra)"
-    for imgs, real_flag in ((real, True), (fake, False)):
-        for im in imgs:
-            t = torch.from_numpy(np.asarray(im.convert("RGB").resize((299, 299), Image.BICUBIC))).permute(2, 0, 1)
-            metric.update(t[None], real=real_flag)
+
+
+def _fid_update(metric, image: Image.Image, real: bool) -> None:
+    import torch
+
+    t = torch.from_numpy(np.asarray(image.convert("RGB").resize((299, 299), Image.BICUBIC))).permute(2, 0, 1)
+    metric.update(t[None], real=real)
+
+
+@dataclass
+class Reference:
+    """What the generated sets are compared with, accumulated image by image (memory bounded by the features):
+    the FD stand-in's thumbnails [N, 192] and, with Inception weights, FID's running real statistics."""
+
+    thumbs: np.ndarray
+    fid: object | None = None   # FrechetInceptionDistance, or a "not computed (...)" string
+    num_images: int = 0
+
+
+def build_reference(images: Iterable[Image.Image], fid_weights: str = "") -> Reference:
+    fid = fid_metric(fid_weights) if fid_weights else None
+    thumbs = []
+    for im in images:
+        thumbs.append(thumb_features([im])[0])
+        if fid is not None and not isinstance(fid, str):
+            _fid_update(fid, im, real=True)
+    return Reference(np.stack(thumbs) if thumbs else np.zeros((0, 192)), fid, len(thumbs))
+
+
+def fid(reference: Reference, fake: list[Image.Image]) -> float | str:
+    """FID of ``fake`` against the reference's real statistics."""
+    if isinstance(reference.fid, str):
+        return reference.fid
+    metric = reference.fid
+    metric.reset()                 # keeps the real statistics (reset_real_features=False)
+    for im in fake:
+        _fid_update(metric, im, real=False)
     return float(metric.compute())
 
 
@@ -116,12 +151,12 @@ def hpsv3(paths: list[str], prompts: list[str], weights: str) -> float | str:
     return float(np.mean([float(r[0]) if hasattr(r, "__len__") else float(r) for r in rewards]))
 
 
-def generation_metrics(images: list[Image.Image], params: dict, real: list[Image.Image] | None = None,
+def generation_metrics(images: list[Image.Image], params: dict, real: Reference | list[Image.Image] | None = None,
                        paths: list[str] | None = None, prompts: list[str] | None = None) -> dict:
     """Per-set generation metrics (seed Table 5 columns + Diffusion-4K detail metrics + named stand-ins).
 
-    ``real``: reference images for FID and the FD stand-in; ``paths``/``prompts``: the images' files and prompts
-    (HPSv3 scores an image against its prompt)."""
+    ``real``: the reference for FID and the FD stand-in (a :class:`Reference`, or images to build one from);
+    ``paths``/``prompts``: the images' files and prompts (HPSv3 scores an image against its prompt)."""
     from ultraflux.data.scorers import hasler_colorfulness, laplacian_sharpness
 
     arrays = [np.asarray(im.convert("RGB")) for im in images]
@@ -130,15 +165,18 @@ def generation_metrics(images: list[Image.Image], params: dict, real: list[Image
                  "compression_ratio": float(np.mean([compression_ratio(im) for im in images])),
                  "standin_sharpness": float(np.mean([laplacian_sharpness(a) for a in arrays])),
                  "standin_colorfulness": float(np.mean([hasler_colorfulness(a) for a in arrays]))}
-    if real:
-        out["standin_fd_thumb8"] = frechet_distance(thumb_features(images), thumb_features(real))
+    fid_weights = (params.get("evaluate") or {}).get("fid_inception_weights") or ""
+    if isinstance(real, list):
+        real = build_reference(real, fid_weights) if real else None
+    if real is not None and real.num_images:
+        out["standin_fd_thumb8"] = frechet_distance(thumb_features(images), real.thumbs)
     for metric in ("fid", "hpsv3", "artimuse", "qalign"):
         section, key = LEARNED_METRICS[metric].split(".")
         weights = params.get(section, {}).get(key)
         if not weights:
             out[metric] = not_computed(metric)
-        elif metric == "fid" and real:
-            out[metric] = fid(real, images, weights)
+        elif metric == "fid" and real is not None and real.num_images:
+            out[metric] = fid(real, images)
         elif metric == "hpsv3" and paths and prompts:
             out[metric] = hpsv3(paths, prompts, weights)
         elif metric in ("qalign", "artimuse"):  # the curation scorers (ultraflux.data.scorers), same checkpoints
