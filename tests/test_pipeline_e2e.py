@@ -60,11 +60,18 @@ def test_dvc_repro_then_exp_run(tmp_path):
     params = load_params(repo / "params.yaml")
     n_prompts, aspects = len(params["sample"]["prompts"]), params["sample"]["aspects"]
     assert len(list((repo / "outputs/samples/dit_stage2").glob("*/*.png"))) == n_prompts * len(aspects)
-    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    evaluate = json.loads((repo / "outputs/results/evaluate.json").read_text())
     assert set(evaluate["generation"]) == {a.replace(":", "x") for a in aspects}
     assert evaluate["vae"]["psnr"] > 0 and evaluate["generation"]["1x1"]["fid"].startswith("not computed")
-    judge = json.loads((repo / "metrics/judge.json").read_text())
+    judge = json.loads((repo / "outputs/results/judge.json").read_text())
     assert judge["status"] == "skipped (no GEMINI_API_KEY)" and judge.get("wins_a", 0) == 0
+    # DVC metrics: a few dozen numbers, no strings (descriptive values live in outputs/results and MLflow tags)
+    shown = json.loads(sh("dvc metrics show --json", repo, env))
+
+    def leaves(x):
+        return [v for y in x.values() for v in leaves(y)] if isinstance(x, dict) else [x]
+    values = leaves(shown)
+    assert 10 <= len(values) <= 40 and all(isinstance(v, (int, float)) for v in values), values
     report = (repo / "outputs/report/report.html").read_text()
     assert "data:image/png;base64" in report and "Gemini pairwise preference" in report
 
@@ -74,6 +81,15 @@ def test_dvc_repro_then_exp_run(tmp_path):
     assert all(r.info.status == "FINISHED" for r in stage_runs(repo, first.info.run_id).values())
     assert first.data.tags["git_commit"] != "unknown"
     assert "loss" in stage_runs(repo, first.info.run_id)["dit_stage1"].data.metrics
+    # the parent carries every stage's headline numbers and all params (MLflow's Compare view of executions)
+    assert {"curate.num_kept", "vae.holdout_psnr", "dit_stage1.final_loss", "evaluate.vae.psnr"} <= \
+        set(first.data.metrics)
+    assert first.data.params["dit_stage1.lr"] == str(load_params(repo / "params.yaml")["dit_stage1"]["lr"])
+    # training and curation runs name the curated manifest as their dataset
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    dit = client.get_run(stage_runs(repo, first.info.run_id)["dit_stage1"].info.run_id)
+    [inp] = dit.inputs.dataset_inputs
+    assert inp.dataset.name == "curated" and {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
 
     # Nothing changed: nothing re-runs, no new MLflow runs.
     out = sh("dvc repro", repo, env)
@@ -89,6 +105,6 @@ def test_dvc_repro_then_exp_run(tmp_path):
     second = runs[-1]
     assert second.data.tags.get("dvc_exp_name"), "exp run not tagged with its DVC experiment name"
     assert set(stage_runs(repo, second.info.run_id)) == {"dit_stage2", "sample", "evaluate", "judge", "report"}
-    assert json.loads((repo / "metrics/dit_stage2.json").read_text())["steps"] == new_steps
+    assert json.loads((repo / "outputs/results/dit_stage2.json").read_text())["steps"] == new_steps
     shown = sh("dvc exp show --json", repo, env)
     assert "final_loss" in shown
