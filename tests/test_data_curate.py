@@ -13,10 +13,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from test_data_fixtures import bomb_png, exif_rotated_jpeg, jpeg_bytes, png_bytes, textured, write
+from data_fixtures import bomb_png, exif_rotated_jpeg, jpeg_bytes, png_bytes, textured, write
 from ultraflux.config import load_params
 from ultraflux.data import process
-from ultraflux.data.curate import MANIFEST_COLUMNS, cli_curate_stats, run_curation
+from ultraflux.cli.curate_stats import main as cli_curate_stats
+from ultraflux.data.curate import MANIFEST_COLUMNS, run_curation
 from ultraflux.data.ingest import SourceError
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -29,7 +30,8 @@ def base_params(**curate_overrides) -> dict:
     params.setdefault("data", {}).update({"variant": "multiaspect", "source": "",
                                           "synthetic": {"num_images": 20, "long_side": 768}})
     curate = params.setdefault("curate", {})
-    curate.update({"engine": "local", "workers": 1, "cache_dir": "", "flat": {"patch": 240, "threshold": 800.0, "max_fraction": 0.5},
+    curate.update({"engine": "local", "workers": 1, "cache_dir": "", "min_train_images": 1, "min_holdout_images": 0,
+                   "flat": {"patch": 240, "threshold": 800.0, "max_fraction": 0.5},
                    "entropy_min": 7.0, "max_upscale": 1.5, "holdout_fraction": 0.1,
                    "quality": {"weights": "", "threshold": 4.0, "standin_keep_fraction": 0.9},
                    "aesthetic": {"weights": "", "keep_top": 0.3, "stage2_top": 0.05},

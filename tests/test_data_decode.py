@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_data_fixtures import bomb_png, exif_rotated_jpeg, jpeg_bytes, png_bytes, textured
+from data_fixtures import bomb_png, exif_rotated_jpeg, jpeg_bytes, png_bytes, textured
 from ultraflux.data.decode import BadImage, decode_rgb
 
 

@@ -30,27 +30,29 @@ import cv2
 import numpy as np
 
 STANDIN_SIDE = 512
-"""Stand-ins score a copy whose long side is 512 px (INTER_AREA), so scores do not depend on resolution."""
+"""Stand-ins score a copy whose long side is 512 px, so scores do not depend on resolution. The copy is an area
+average of the full image; for JPEGs it comes from the decoder's DCT scaling (1/2, 1/4 or 1/8, then area-averaged
+to 512 px: :func:`ultraflux.data.decode.decode_small`), which costs a fraction of a full decode. Both are
+box-filter averages of the same pixels, so the scores measure the same thing either way."""
 
 
-def _small(rgb: np.ndarray) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    s = STANDIN_SIDE / max(h, w)
-    if s >= 1:
-        return rgb
-    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+def small_copy(rgb: np.ndarray) -> np.ndarray:
+    """The 512-px-long-side area-averaged copy the stand-ins score (unchanged when already that small)."""
+    from .decode import area_resize
+
+    return area_resize(rgb, STANDIN_SIDE)
 
 
 def laplacian_sharpness(rgb: np.ndarray) -> float:
     """log(1 + Var(Laplacian(gray))) on the 512-px copy: a classical no-reference sharpness score."""
-    gray = cv2.cvtColor(_small(rgb), cv2.COLOR_RGB2GRAY)
+    gray = cv2.cvtColor(small_copy(rgb), cv2.COLOR_RGB2GRAY)
     _, std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F, ksize=3))
     return float(np.log1p(float(std[0, 0]) ** 2))
 
 
 def hasler_colorfulness(rgb: np.ndarray) -> float:
     """Hasler & Suesstrunk (2003) colourfulness M = sigma_rgyb + 0.3 mu_rgyb on the 512-px copy."""
-    r, g, b = (c.astype(np.float32) for c in cv2.split(_small(rgb)))
+    r, g, b = (c.astype(np.float32) for c in cv2.split(small_copy(rgb)))
     rg = r - g
     yb = 0.5 * (r + g) - b
     (mu_rg,), (sd_rg,) = (v.ravel() for v in cv2.meanStdDev(rg))
