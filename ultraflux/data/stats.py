@@ -84,13 +84,15 @@ def is_flat(flat_fraction: float, max_fraction: float = 0.5) -> bool:
 def gray_counts(gray: np.ndarray) -> np.ndarray:
     """The 256-bin histogram of an 8-bit image as exact int64 counts.
 
-    ``cv2.calcHist`` (one fast pass) returns float32 counts, exact only up to 2^24, so larger images are counted in
-    bands of at most 2^24 pixels and the bands summed as integers.
+    ``cv2.calcHist`` (one fast pass) returns float32 counts, exact only up to 2^24, so the pixels are counted in
+    chunks of at most 2^24 and the chunks summed as integers.
     """
-    rows = max(1, (1 << 24) // max(1, gray.shape[1]))
+    flat = np.ascontiguousarray(gray).reshape(1, -1)
+    chunk = 1 << 24
     counts = np.zeros(256, np.int64)
-    for y in range(0, gray.shape[0], rows):
-        counts += cv2.calcHist([gray[y : y + rows]], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start : start + chunk]
+        counts += cv2.calcHist([part], [0], None, [256], [0, 256]).ravel().astype(np.int64)
     return counts
 
 
