@@ -67,8 +67,9 @@ SEED_DEFAULTS = {"flat": {"patch": 240, "threshold": 800.0, "max_fraction": 0.5}
 REJECT_KEYS = ("unreadable", "decompression_bomb", "duplicate", "no_caption", "bad_caption", "too_small", "flat",
                "low_entropy", "low_quality", "low_aesthetic", "failed")
 LEARNED_MIN_SIDE = 2048
-"""Learned scorers see a DCT-reduced decode whose long side stays >= 2048 px (Q-Align resizes to 448 px, ArtiMuse
-tiles at 448 px: a full 4K decode would add nothing but time)."""
+"""Learned scorers see a DCT-reduced decode of the stored pixels whose long side stays >= 2048 px: Q-Align pads to a
+square and resizes to 448 px, ArtiMuse resizes to 448x448, so a full 4K decode would only add time (their own
+antialiased resize then starts from 2048 instead of 4096 px)."""
 
 
 class TooFewImages(RuntimeError):
@@ -174,7 +175,7 @@ def _learned_inputs(path: str) -> np.ndarray:
     data = Path(path).read_bytes()
     header = read_header(data)
     reduce = dct_reduction(header.width, header.height, LEARNED_MIN_SIDE) if header.fast_jpeg else 1
-    return decode_rgb(data, header, reduce=reduce)
+    return decode_rgb(data, header, reduce=reduce, orient=False)  # stored orientation, as the public tool
 
 
 def score_learned(rows: pd.DataFrame, candidates: pd.Series, kind: str, qcfg: dict, cache_dir: Path,
