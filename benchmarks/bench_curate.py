@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ultraflux.config import load_params  # noqa: E402
 from ultraflux.data import synthetic  # noqa: E402
 from ultraflux.data.curate import run_curation  # noqa: E402
-from ultraflux.data.decode import decode_gray, read_header  # noqa: E402
+from ultraflux.data.decode import decode_gray, decode_small, read_header  # noqa: E402
 from ultraflux.data.stats import entropy_bits, flat_summary, patch_flatness, to_gray  # noqa: E402
 
 SIZES = [(4096, 4096), (5120, 2880)]
@@ -96,13 +96,13 @@ def pillow_decode_all(files: list[Path]) -> None:
         np.asarray(Image.open(f).convert("RGB"))
 
 
-def bench_params(source: Path, cache: Path, all_kept: bool) -> dict:
+def bench_params(source: Path, cache: Path, all_kept: bool, gray: str = "luma") -> dict:
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
     params["data"].update({"source": str(source), "variant": "multiaspect"})
     # entropy_min 0: every textured image reaches pass 2 (a few photo-like scenes fall just under 7.0 bits), so
     # "kept" is exactly the textured images; the texture-poor ones are rejected by the flat filter.
     params["curate"].update({"engine": "local", "workers": 1, "cache_dir": str(cache), "min_train_images": 1,
-                             "entropy_min": 0.0,
+                             "entropy_min": 0.0, "gray": gray,
                              "min_holdout_images": 0, "buckets": {"scale": 1.0,
                                                                   "aspects": params["curate"]["buckets"]["aspects"]}})
     if all_kept:
@@ -111,7 +111,7 @@ def bench_params(source: Path, cache: Path, all_kept: bool) -> dict:
     return params
 
 
-def scenario(source: Path, repeats: int) -> dict:
+def scenario(source: Path, repeats: int, gray: str = "luma") -> dict:
     files = sorted(source.glob("*.jpg"))
     decode, curate, metrics = [], [], {}
     for r in range(repeats + 1):  # the first round warms caches and imports and is not counted
@@ -121,7 +121,7 @@ def scenario(source: Path, repeats: int) -> dict:
         work = Path(tempfile.mkdtemp(prefix="bench-curate-"))
         try:
             t = time.perf_counter()
-            metrics = run_curation(bench_params(source, work / "cache", True), work / "out", progress=False)
+            metrics = run_curation(bench_params(source, work / "cache", True, gray), work / "out", progress=False)
             c = time.perf_counter() - t
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -135,7 +135,7 @@ def scenario(source: Path, repeats: int) -> dict:
 
 def stats_cost(files: list[Path], repeats: int) -> dict:
     """Per-image statistics cost (flatness + entropy on the gray image) and the decodes, medians over files."""
-    rows = {"pillow_rgb": [], "cv2_rgb": [], "gray_luma": [], "stats": []}
+    rows = {"pillow_rgb": [], "cv2_rgb": [], "gray_luma": [], "stats": [], "small_rgb": []}
     for f in files:
         data = f.read_bytes()
         header = read_header(data)
@@ -155,6 +155,9 @@ def stats_cost(files: list[Path], repeats: int) -> dict:
             patch_flatness(gray, 240)
             entropy_bits(gray)
             times["stats"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            decode_small(data, header, 512)
+            times["small_rgb"].append(time.perf_counter() - t)
         for k in rows:
             rows[k].append(statistics.median(times[k]))
     return {k: statistics.median(v) for k, v in rows.items()}
@@ -266,6 +269,7 @@ def main() -> None:
     parser.add_argument("--gray", action="store_true", help="also print the luma vs OpenCV gray comparison")
     parser.add_argument("--photos", type=Path, help="folder of real JPEGs for --gray (default: the bench set)")
     parser.add_argument("--skip-curation", action="store_true", help="only the extra tables")
+    parser.add_argument("--gray-mode", choices=["luma", "opencv"], default="luma", help="curate.gray for the runs")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     import torch
@@ -276,18 +280,20 @@ def main() -> None:
     half = make_set(args.images, args.images // 2, "half-poor")
     full = make_set(args.images, 0, "all-textured")
     if not args.skip_curation:
-        print(f"\n{'scenario':>36} {'n':>3} {'Pillow decode s':>15} {'run_curation s':>14} {'ratio':>6} "
+        print(f"\ncurate.gray = {args.gray_mode}")
+        print(f"{'scenario':>36} {'n':>3} {'Pillow decode s':>15} {'run_curation s':>14} {'ratio':>6} "
               f"{'budget':>6} {'kept':>4} {'flat':>4} {'img/s/core':>10}")
         for label, folder, budget in (("(a) half texture-poor, rest kept", half, 1.75),
                                       ("(b) all kept", full, 2.5)):
-            r = scenario(folder, args.repeats)
+            r = scenario(folder, args.repeats, args.gray_mode)
             print(f"{label:>36} {r['n']:3d} {r['decode_s']:15.2f} {r['curate_s']:14.2f} {r['ratio']:5.2f}x "
                   f"{budget:5.2f}x {r['kept']:4d} {r['rejected_flat']:4d} {r['img_s_core']:10.2f}", flush=True)
         s = stats_cost(sorted(full.glob("*.jpg")), args.repeats)
         print(f"\nper image (median): Pillow RGB decode {s['pillow_rgb'] * 1e3:.0f} ms, OpenCV RGB decode "
               f"{s['cv2_rgb'] * 1e3:.0f} ms, gray (luma) decode {s['gray_luma'] * 1e3:.0f} ms, statistics "
               f"(per-patch flatness + entropy) {s['stats'] * 1e3:.0f} ms = {s['stats'] / s['pillow_rgb']:.2f}x the "
-              f"Pillow decode ({s['stats'] / s['cv2_rgb']:.2f}x the OpenCV decode)")
+              f"Pillow decode ({s['stats'] / s['cv2_rgb']:.2f}x the OpenCV decode); 512-px colour copy for the "
+              f"stand-ins (DCT-scaled decode) {s['small_rgb'] * 1e3:.0f} ms = {s['small_rgb'] / s['pillow_rgb']:.2f}x")
     if args.resize:
         resize_table(args.repeats)
     if args.gray:
