@@ -433,8 +433,10 @@ def test_png_format_is_lossless_and_shards_roll_over(synthetic_run, tmp_path):
                              row["id"])[1]
     again = process.render(data, header, box, (row["width"], row["height"]), "png", 95, 10**9)
     assert again == read_image_bytes(tmp_path / "png", row.to_dict())
-    big = kept["nbytes"].sum()
-    assert metrics["num_shards"] >= min(len(kept), big // (1 << 20))  # bounded shard size
+    shards = sorted((tmp_path / "png" / "shards").glob("*.tar"))
+    assert len(shards) == metrics["num_shards"] >= 3  # ~0.5 MB per PNG, 1 MiB per shard: it rolled over
+    for shard in shards:  # bounded: at most 1 MiB, unless a single sample alone is larger
+        assert shard.stat().st_size <= (1 << 20) + 10240 or len(list(iter_shard(shard))) == 1
 
 
 def test_cli_curate_stats(tmp_path, capsys, monkeypatch):
