@@ -40,7 +40,7 @@ from ultraflux.config import load_params  # noqa: E402
 from ultraflux.data import synthetic  # noqa: E402
 from ultraflux.data.curate import run_curation  # noqa: E402
 from ultraflux.data.decode import decode_gray, decode_small, read_header  # noqa: E402
-from ultraflux.data.stats import entropy_bits, flat_summary, patch_flatness, to_gray  # noqa: E402
+from ultraflux.data.stats import entropy_bits, flat_summary, patch_flatness  # noqa: E402
 
 SIZES = [(4096, 4096), (5120, 2880)]
 CACHE = Path(tempfile.gettempdir()) / "ultraflux-bench-curate-v1"
