@@ -46,10 +46,12 @@ RENDER_VERSION = 1
 PLOT_BINS = np.linspace(-1.0, 6.0, 71)
 """log10 S_flat bins of the per-patch histogram each record contributes to plots/s_flat_patches.png."""
 CUBIC_MIN_SCALE = 0.875
-"""Resize rule (benchmarks/bench_curate.py --resize): at scales >= 0.875 (e.g. 4096 -> 3840 = 0.9375) OpenCV's
-bicubic matches an antialiased filter (52.9 dB to Pillow's Lanczos on a 4K photo; zone plate 27.7 dB vs 27.0 for
-antialiased bicubic) at 0.18x a Pillow decode; below that it aliases (zone plate 14-18 dB), so the residual scale
-after DCT reduction uses torch's antialiased bicubic on uint8 (Pillow's filter, bit for bit; 0.36-0.42x)."""
+"""Resize rule, from ``python benchmarks/bench_curate.py --resize`` (4K photo-like image and a zone plate, PSNR to
+Pillow's Lanczos; time as a ratio to a Pillow RGB decode): at 4096 -> 3840 (scale 0.9375) OpenCV's INTER_CUBIC
+(0.06-0.18x) is as good as an antialiased filter (45.8 dB photo / 27.7 dB zone plate, vs 45.2 / 27.0 for
+antialiased bicubic at 0.39x; INTER_AREA 39.4 / 20.8 at 0.37x; Pillow Lanczos itself 1.3x). Below ~0.875 it
+aliases (zone plate 17.6 dB at 0.75, 14.1 at 0.6), so smaller scales, after the decoder's DCT reduction by 2/4/8,
+use torch's antialiased bicubic on uint8 (Pillow's filter to +-1 level; 28.9 / 30.8 dB at 0.15 / 0.09x)."""
 
 
 def _hash(material: dict) -> str:
