@@ -75,12 +75,16 @@ class Quality(Section):                                  # seed Sec. 2.1 "Image 
 
 class Aesthetic(Section):                                # seed Sec. 2.1 (ArtiMuse top 30%), Table 3 (stage 2: top 5%)
     weights: Path
+    code_dir: Path                                       # a checkout of the ArtiMuse repository (its scoring code)
     keep_top: Fraction
     batch_size: PosInt
     stage2_top: Fraction
 
     @model_validator(mode="after")
     def _stage2_within_kept(self):
+        if self.weights and not self.code_dir:
+            raise ValueError("code_dir must name a checkout of the ArtiMuse repository when weights is set (its "
+                             "InternVLChatModel.score is the published interface)")
         if self.stage2_top > self.keep_top:
             raise ValueError(f"stage2_top ({self.stage2_top}) must not exceed keep_top ({self.keep_top}): the stage-2 "
                              "subset is taken from the kept images")
@@ -101,6 +105,7 @@ class Buckets(Section):                                  # seed Sec. 2.2 "bucket
 class Curate(Section):
     engine: Literal["local", "ray"]
     workers: NonNegInt                                   # 0 = every core
+    gray: Literal["luma", "opencv"]                      # luma: JPEG's own Y plane (fast); opencv: the public tool
     flat: Flat
     entropy_min: Annotated[float, Field(gt=0, le=8)]     # seed Sec. 2.1: 7.0 bits; 8-bit gray has at most 8
     quality: Quality
@@ -110,6 +115,11 @@ class Curate(Section):
     max_image_pixels: PosInt
     cache_dir: Path
     holdout_fraction: Annotated[float, Field(ge=0, lt=1)]
+    image_format: Literal["jpeg", "png"]                 # shard encoding: JPEG (image_quality) or lossless PNG
+    image_quality: Annotated[int, Field(ge=1, le=100)]
+    shard_max_mb: PosInt                                 # a shard rolls over at this size
+    min_train_images: NonNegInt                          # guard: stop after curation below these counts
+    min_holdout_images: NonNegInt
 
 
 class Tiny(Section):                                     # embedded CPU profile: a tiny Flux transformer and F16 VAE

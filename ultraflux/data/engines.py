@@ -1,4 +1,8 @@
-"""Execution engines for the per-image function (``curate.engine``): ``local`` or ``ray``.
+"""Execution engines for the per-image functions (``curate.engine``): ``local`` or ``ray``.
+
+Both passes of :mod:`ultraflux.data.process` (``scan_one``, ``render_one``) run through :func:`run_engine`, which
+returns the small per-image results IN TASK ORDER, so nothing downstream depends on the engine: the main process
+makes every selection and writes the manifest and the shards itself.
 
 * ``local``: a process pool on one machine (``concurrent.futures.ProcessPoolExecutor``) with ``curate.workers``
   processes (0 = all cores); with one worker the function runs in this process (no pool). Workers are started with
@@ -8,13 +12,10 @@
 * ``ray``: the same function mapped over a Ray Dataset (``ray.data.from_items(...).map(...)``, one CPU per task).
   ``ray.init()`` connects to the cluster named by the ``RAY_ADDRESS`` environment variable (e.g.
   ``RAY_ADDRESS=ray://head:10001`` or ``auto`` on a cluster node), else starts a local Ray with ``curate.workers``
-  CPUs. On a cluster, ``data.source``, the output folder and the cache must be on a filesystem every node mounts at
-  the same path (the workers read the sources and write cached records and images themselves), and ``ultraflux``
-  must be importable on every node (installed there, or shipped with
-  ``ray.init(runtime_env={"py_modules": [ultraflux]})`` before calling ``run_curation``). A Ray started here is shut
-  down at the end; one the caller started is left running.
-
-Both return the records in task order, so the manifest does not depend on the engine.
+  CPUs. On a cluster, ``data.source`` and ``curate.cache_dir`` must be on a filesystem every node mounts at the
+  same path (workers read the sources and write the cache), and ``ultraflux`` must be importable on every node
+  (installed there, or shipped with ``ray.init(runtime_env={"py_modules": [ultraflux]})`` before calling
+  ``run_curation``). A Ray started here is shut down at the end; one the caller started is left running.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
+from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .process import init_worker, process_one
+from .process import init_worker
 
 
 def resolve_workers(workers) -> int:
@@ -40,29 +43,30 @@ def _pool_context():
     return get_context("spawn")
 
 
-def run_local(tasks: list[dict], workers: int, progress: bool = True) -> list[dict]:
-    bar = tqdm(total=len(tasks), desc="curate", unit="img", disable=not progress)
+def run_local(fn: Callable[[dict], dict], tasks: list[dict], workers: int, progress: bool = True,
+              desc: str = "curate") -> list[dict]:
     results = []
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            results.append(process_one(task))
-            bar.update()
-    else:
-        chunk = max(1, min(16, len(tasks) // (workers * 8)))
-        with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=init_worker) as pool:
-            for rec in pool.map(process_one, tasks, chunksize=chunk):
-                results.append(rec)
+    with tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress) as bar:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                results.append(fn(task))
                 bar.update()
-    bar.close()
+        else:
+            chunk = max(1, min(16, len(tasks) // (workers * 8)))
+            with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=init_worker) as pool:
+                for rec in pool.map(fn, tasks, chunksize=chunk):
+                    results.append(rec)
+                    bar.update()
     return results
 
 
-def _ray_row(row: dict) -> dict:
+def _ray_row(fn: Callable[[dict], dict], row: dict) -> dict:
     init_worker()
-    return {"index": row["index"], "record": json.dumps(process_one(json.loads(row["task"])))}
+    return {"index": row["index"], "record": json.dumps(fn(json.loads(row["task"])))}
 
 
-def run_ray(tasks: list[dict], workers: int, progress: bool = True) -> list[dict]:
+def run_ray(fn: Callable[[dict], dict], tasks: list[dict], workers: int, progress: bool = True,
+            desc: str = "curate") -> list[dict]:
     try:
         import ray
         import ray.data
@@ -73,33 +77,28 @@ def run_ray(tasks: list[dict], workers: int, progress: bool = True) -> list[dict
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:
-            ray.init(num_cpus=workers, include_dashboard=False)
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
-        return _map_on_ray(tasks, workers, progress)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        rows = [{"index": i, "task": json.dumps(task)} for i, task in enumerate(tasks)]
+        records: list = [None] * len(tasks)
+        if rows:
+            dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), workers * 4)))
+            for row in dataset.map(partial(_ray_row, fn), num_cpus=1).iter_rows():
+                records[int(row["index"])] = json.loads(row["record"])
+        return records
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _map_on_ray(tasks: list[dict], workers: int, progress: bool) -> list[dict]:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    rows = [{"index": i, "task": json.dumps(task)} for i, task in enumerate(tasks)]
-    out = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), workers * 4))).map(
-        _ray_row, num_cpus=1).take_all()
-    records = [None] * len(tasks)
-    for row in out:
-        records[int(row["index"])] = json.loads(row["record"])
-    return records
-
-
-def run_engine(engine: str, tasks: list[dict], workers, progress: bool = True) -> list[dict]:
-    """Run :func:`process_one` over ``tasks`` with the named engine; records in task order."""
+def run_engine(engine: str, fn: Callable[[dict], dict], tasks: list[dict], workers, progress: bool = True,
+               desc: str = "curate") -> list[dict]:
+    """Run ``fn`` over ``tasks`` with the named engine; results in task order."""
     n = resolve_workers(workers)
     if engine == "local":
-        return run_local(tasks, n, progress)
+        return run_local(fn, tasks, n, progress, desc)
     if engine == "ray":
-        return run_ray(tasks, n, progress)
+        return run_ray(fn, tasks, n, progress, desc)
     raise ValueError(f"curate.engine must be 'local' or 'ray', got {engine!r}")

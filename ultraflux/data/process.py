@@ -1,18 +1,25 @@
-"""The per-image function every engine runs: bytes -> statistics, bucket, resized candidate image, cached record.
+"""The two per-image functions every engine runs, and their cache.
 
-``process_one(task)`` reads the file, hashes it (the ``id`` is the first 16 hex digits of the SHA-256 of the file's
-bytes), and either returns the cached record ``<cache_dir>/<id>.json`` or calls :func:`analyze` and caches its
-record (temp file + ``os.replace``, image first, record last, so an interrupted run never leaves a record without
-its image). The cache directory is specific to the settings that change a record (:func:`fingerprint`); thresholds
-that only change the final selection (flat threshold, entropy_min, quality/aesthetic cut-offs) are applied later, in
-:mod:`ultraflux.data.select`, so changing them recomputes nothing, except that an image that newly passes the cheap
-filters gets its resized image made then.
+Pass 1, :func:`scan_one`, EVERY source (seed Sec. 2.1 cheap filters): read the bytes, hash them (``id`` = first 16
+hex digits of the SHA-256), check the header, decode GRAY at native resolution (:func:`decode.decode_gray`), compute
+the per-patch flatness and the entropy (:mod:`ultraflux.data.stats`). Only an image that passes the cheap filters
+(and the upscale limit) is then looked at in colour, and only as a ~512-px copy (:func:`decode.decode_small`, a
+DCT-scaled decode for JPEGs) for the classical stand-in scores. Rejected images are never decoded in colour (in
+``curate.gray: luma`` mode).
 
-Resizing (seed Sec. 2.2): ``multiaspect`` snaps the image to the nearest bucket by |log aspect ratio|, takes the
-largest centred crop of the bucket's aspect and resizes it with Pillow's Lanczos (antialiased) in one call
-(``resize(box=crop)``); ``baseline`` (Diffusion-4K) scales the short side to the "1:1" bucket side and takes a
-random square crop (deterministic from ``seed`` and ``id``). Either way a source that would need more than
-``max_upscale`` upscaling is rejected "too_small". Candidate images are PNG (compress level 1: fast, lossless).
+Pass 2, :func:`render_one`, KEPT rows only, after the main process has made every percentile selection: decode RGB
+(DCT-reduced by 2/4/8 when the bucket needs at least that much downscaling), EXIF orientation applied, crop the
+box the main process chose (centred crop of the bucket's aspect, or the Diffusion-4K random square), resize to the
+bucket (:func:`resize_to`), encode (JPEG at ``curate.image_quality`` or lossless PNG) and cache the bytes; the main
+process copies them into the shards in manifest order.
+
+Cache (``curate.cache_dir``), so an interrupted run recomputes nothing it finished: pass-1 records are
+``<scan fingerprint>/<id[:2]>/<id>.json`` (per-patch S_flat, entropy, sizes, stand-in scores by scorer name),
+pass-2 images ``<render fingerprint>/<id[:2]>/<id>.<ext>``. A fingerprint hashes only the settings that change
+what is cached (:func:`scan_fingerprint`, :func:`render_fingerprint`); thresholds and percentiles are applied in
+:mod:`ultraflux.data.select`, so changing them recomputes nothing, except the stand-in scores of an image that
+newly passes the cheap filters. Files are written through :func:`ultraflux.io.atomic_path`; temporary entries that
+a killed worker left behind are swept at the start of the next run (:func:`sweep_temporary`).
 """
 
 from __future__ import annotations
@@ -20,37 +27,201 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import stat
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+
+from ultraflux.io import atomic_path
 
 from . import scorers
-from .buckets import bucket_table, nearest_bucket
-from .decode import BadImage, decode_rgb
-from .stats import entropy_bits, flat_summary, is_flat, patch_flatness, to_gray
+from .buckets import bucket_table
+from .decode import BadImage, Header, dct_reduction, decode_gray, decode_rgb, decode_small, read_header
+from .stats import entropy_bits, flat_summary, is_flat, patch_flatness
 
-CACHE_VERSION = 1
-COUNTERS = {"analyze": 0}
-"""How many times :func:`analyze` ran in this process (tests check that a resumed run computes nothing)."""
+SCAN_VERSION = 2
+RENDER_VERSION = 1
+PLOT_BINS = np.linspace(-1.0, 6.0, 71)
+"""log10 S_flat bins of the per-patch histogram each record contributes to plots/s_flat_patches.png."""
+CUBIC_MIN_SCALE = 0.875
+"""Resize rule, from ``python benchmarks/bench_curate.py --resize`` (4K photo-like image and a zone plate, PSNR to
+Pillow's Lanczos; time as a ratio to a Pillow RGB decode): at 4096 -> 3840 (scale 0.9375) OpenCV's INTER_CUBIC
+(0.06-0.18x) is as good as an antialiased filter (45.8 dB photo / 27.7 dB zone plate, vs 45.2 / 27.0 for
+antialiased bicubic at 0.39x; INTER_AREA 39.4 / 20.8 at 0.37x; Pillow Lanczos itself 1.3x). Below ~0.875 it
+aliases (zone plate 17.6 dB at 0.75, 14.1 at 0.6), so smaller scales, after the decoder's DCT reduction by 2/4/8,
+use torch's antialiased bicubic on uint8 (Pillow's filter to +-1 level; 28.9 / 30.8 dB at 0.15 / 0.09x)."""
 
 
-def fingerprint(cfg: dict) -> str:
-    """Hash of the settings that change a per-image record (the cache directory name)."""
-    keys = ("variant", "patch", "scale", "aspects", "max_upscale", "max_pixels", "quality_standin",
-            "aesthetic_standin")
-    material = {k: cfg.get(k) for k in keys}
-    if cfg.get("variant") == "baseline":
-        material["seed"] = cfg.get("seed")
-    material["version"] = CACHE_VERSION
+def _hash(material: dict) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def scan_fingerprint(cfg: dict) -> str:
+    """Settings that change a pass-1 record: patch size, gray conversion, pixel limit."""
+    return _hash({k: cfg[k] for k in ("patch", "gray", "max_pixels")} | {"version": SCAN_VERSION})
+
+
+def render_fingerprint(cfg: dict) -> str:
+    """Settings that change a pass-2 image: the bucket table, the crop rule, the encoding."""
+    keys = ("variant", "scale", "aspects", "image_format", "image_quality")
+    material = {k: cfg[k] for k in keys} | {"version": RENDER_VERSION, "cubic_min_scale": CUBIC_MIN_SCALE}
+    if cfg["variant"] == "baseline":
+        material["seed"] = cfg["seed"]  # the random square crop
+    return _hash(material)
+
+
+def cache_file(directory: str | Path, image_id: str, ext: str) -> Path:
+    return Path(directory) / image_id[:2] / f"{image_id}.{ext}"
+
+
+def sweep_temporary(directory: str | Path) -> int:
+    """Remove the temporary entries (names starting with '.') that killed workers left; returns how many."""
+    removed = 0
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    for sub in [directory, *(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        for entry in sub.iterdir():
+            if entry.name.startswith("."):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed += 1
+    return removed
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_source(path: str) -> tuple[bytes | None, str, str]:
+    """(bytes or None, id, error) for one source path; errors are stable strings (no address, no path)."""
+    p = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block the worker; sockets, devices: no image
+            return None, hashlib.sha256(f"missing:{path}".encode()).hexdigest()[:16], "unreadable: not a regular file"
+        data = p.read_bytes()
+    except OSError as err:
+        if p.is_symlink() and not p.exists():
+            detail = "dangling symlink"
+        elif isinstance(err, FileNotFoundError):
+            detail = "file not found"
+        elif isinstance(err, PermissionError):
+            detail = "permission denied"
+        elif isinstance(err, IsADirectoryError):
+            detail = "is a directory"
+        else:
+            detail = f"{type(err).__name__}: {err.strerror or 'read failed'}"
+        return None, hashlib.sha256(f"missing:{path}".encode()).hexdigest()[:16], f"unreadable: {detail}"
+    return data, hashlib.sha256(data).hexdigest()[:16], ""
+
+
+# ---------------------------------------------------------------------------------------------------- pass 1
+
+
+def analyze(data: bytes, image_id: str, cfg: dict) -> tuple[dict, np.ndarray | None]:
+    """The pass-1 record of one image (statistics of the stored pixels), and the RGB if it was decoded anyway."""
+    rec = {"id": image_id, "error": "", "format": "", "orig_width": 0, "orig_height": 0, "orientation": 1,
+           "s_flat": [], "patch_grid": [0, 0], "entropy": float("nan"), "scores": {}}
+    try:
+        header = read_header(data, cfg["max_pixels"])
+        gray, rgb = decode_gray(data, header, cfg["gray"], cfg["max_pixels"])
+    except BadImage as bad:
+        rec["error"] = bad.reason
+        return rec, None
+    rec["format"] = header.format
+    rec["orientation"] = header.orientation
+    rec["orig_width"], rec["orig_height"] = header.display_size
+    s_flat = patch_flatness(gray, cfg["patch"])
+    rec["s_flat"] = s_flat.ravel().tolist()
+    rec["patch_grid"] = list(s_flat.shape)
+    rec["entropy"] = entropy_bits(gray)
+    return rec, rgb
+
+
+def upscale_needed(width: int, height: int, cfg: dict) -> tuple[str, float]:
+    """(bucket, upscale factor needed to fill it) for an image of this displayed size (see select_box)."""
+    table = bucket_table(cfg["scale"], cfg["aspects"])
+    bucket, box = select_box(width, height, table, cfg, "0" * 16)
+    bw, bh = table[bucket]
+    return bucket, max(bw / (box[2] - box[0]), bh / (box[3] - box[1]))
+
+
+def is_candidate(rec: dict, cfg: dict, caption_error: str) -> bool:
+    """Whether a row is still in the running after the cheap, per-image filters (so it needs stand-in scores)."""
+    if rec["error"] or caption_error or cfg["variant"] == "baseline":
+        return False
+    fraction, _ = flat_summary(rec["s_flat"], cfg["flat_threshold"])
+    if is_flat(fraction, cfg["flat_max_fraction"]) or not rec["entropy"] >= cfg["entropy_min"]:
+        return False
+    return upscale_needed(rec["orig_width"], rec["orig_height"], cfg)[1] <= cfg["max_upscale"] + 1e-9
+
+
+def standin_scores(data: bytes, rec: dict, cfg: dict, rgb: np.ndarray | None) -> dict:
+    """The configured classical stand-in scores on a ~512-px RGB copy (from ``rgb`` when already decoded)."""
+    names = [n for n in (cfg["quality_standin"], cfg["aesthetic_standin"]) if n]
+    if not names:
+        return {}
+    if rgb is not None:
+        small = scorers.small_copy(rgb)
+    else:
+        header = read_header(data, cfg["max_pixels"])
+        small = decode_small(data, header, scorers.STANDIN_SIDE, cfg["max_pixels"])
+    return {name: scorers.STANDINS[name](small) for name in names}
+
+
+def summarize_record(rec: dict, cfg: dict) -> dict:
+    """What the main process needs from a record (no per-patch lists: memory does not grow with patches)."""
+    values = np.asarray(rec.get("s_flat", []), dtype=np.float64)
+    fraction, mean = flat_summary(values, cfg["flat_threshold"])
+    has = not rec["error"]
+    scores = rec.get("scores", {})
+    hist = np.histogram(np.log10(np.maximum(values, 10 ** PLOT_BINS[0])), PLOT_BINS)[0] if values.size else None
+    return {
+        "id": rec["id"], "error": rec["error"], "orig_width": rec.get("orig_width", 0),
+        "orig_height": rec.get("orig_height", 0), "orientation": rec.get("orientation", 1),
+        "s_flat_fraction": fraction if has else float("nan"), "s_flat_mean": mean if has else float("nan"),
+        "num_patches": int(values.size), "entropy": rec.get("entropy", float("nan")),
+        "quality": scores.get(cfg["quality_standin"], float("nan")) if cfg["quality_standin"] else float("nan"),
+        "aesthetic": scores.get(cfg["aesthetic_standin"], float("nan")) if cfg["aesthetic_standin"] else float("nan"),
+        "patch_hist": hist.tolist() if hist is not None else [],
+    }
+
+
+def scan_one(task: dict) -> dict:
+    """Pass 1 for one source (cached): ``task`` = path, caption_error, cfg (see curate.worker_config)."""
+    cfg = task["cfg"]
+    data, image_id, error = read_source(task["path"])
+    if data is None:
+        out = summarize_record({"id": image_id, "error": error}, cfg)
+        return out | {"cache_hit": False}
+    path = cache_file(cfg["scan_dir"], image_id, "json")
+    rec, rgb, hit = None, None, False
+    if path.is_file():
+        try:
+            rec, hit = json.loads(path.read_text()), True
+        except (OSError, ValueError):  # a damaged record is recomputed
+            rec = None
+    try:
+        if rec is None:
+            rec, rgb = analyze(data, image_id, cfg)
+        if is_candidate(rec, cfg, task["caption_error"]):
+            missing = [n for n in (cfg["quality_standin"], cfg["aesthetic_standin"]) if n and n not in rec["scores"]]
+            if missing:
+                rec["scores"].update(standin_scores(data, rec, cfg, rgb))
+                hit = False
+    except BadImage as bad:  # the colour decode failed although the gray one worked
+        rec["error"] = bad.reason
+    except Exception as err:  # one image never kills the run: record why, do not cache (a fixed version retries)
+        out = summarize_record({"id": image_id, "error": f"failed: {type(err).__name__}: {err}"}, cfg)
+        return out | {"cache_hit": False}
+    if not hit:
+        _write_atomic(path, json.dumps(rec).encode())
+    return summarize_record(rec, cfg) | {"cache_hit": hit}
+
+
+# ---------------------------------------------------------------------------------------------------- pass 2
 
 
 def crop_box(width: int, height: int, bw: int, bh: int) -> tuple[float, float, float, float]:
@@ -75,100 +246,87 @@ def random_square_box(width: int, height: int, side: int,
     return (offset, 0.0, offset + c, float(c)) if width >= height else (0.0, offset, float(c), offset + c)
 
 
-def needs_image(rec: dict, cfg: dict, caption_error: str) -> bool:
-    """Whether the row can still be kept after the cheap filters (so it needs a resized candidate image)."""
-    if rec["error"] or caption_error:
-        return False
+def select_box(width: int, height: int, table: dict, cfg: dict, image_id: str) -> tuple[str, tuple]:
+    """(bucket, crop box in displayed pixels): ``multiaspect`` snaps to the nearest bucket by |log aspect| and takes
+    the largest centred crop; ``baseline`` (Diffusion-4K) takes a random square (deterministic in seed and id)."""
+    from .buckets import nearest_bucket
+
     if cfg["variant"] == "baseline":
-        return True
-    fraction, _ = flat_summary(rec["s_flat"], cfg["flat_threshold"])
-    return not is_flat(fraction, cfg["flat_max_fraction"]) and rec["entropy"] >= cfg["entropy_min"]
-
-
-def analyze(data: bytes, image_id: str, cfg: dict, caption_error: str, image_path: Path | None) -> dict:
-    """Statistics + bucket of one image; writes the resized candidate to ``image_path`` (if given) when it may be
-    kept."""
-    COUNTERS["analyze"] += 1
-    rec = {"id": image_id, "error": "", "orig_width": 0, "orig_height": 0, "s_flat": [], "patch_grid": [0, 0],
-           "entropy": float("nan"), "bucket": "", "width": 0, "height": 0, "upscale": float("nan"),
-           "quality": float("nan"), "aesthetic": float("nan"), "image": False}
-    try:
-        rgb = decode_rgb(data, cfg["max_pixels"])
-    except BadImage as bad:
-        rec["error"] = bad.reason
-        return rec
-    h, w = rgb.shape[:2]
-    rec["orig_width"], rec["orig_height"] = w, h
-    gray = to_gray(rgb)
-    s_flat = patch_flatness(gray, cfg["patch"])
-    rec["s_flat"] = [round(float(v), 6) for v in s_flat.ravel()]
-    rec["patch_grid"] = list(s_flat.shape)
-    rec["entropy"] = entropy_bits(gray)
-    del gray
-    if cfg.get("quality_standin"):
-        rec["quality"] = scorers.STANDINS[cfg["quality_standin"]](rgb)
-    if cfg.get("aesthetic_standin"):
-        rec["aesthetic"] = scorers.STANDINS[cfg["aesthetic_standin"]](rgb)
-
-    table = bucket_table(cfg["scale"], cfg["aspects"])
-    if cfg["variant"] == "baseline":
-        rec["bucket"] = "1:1" if "1:1" in table else nearest_bucket(1, 1, table)
-        bw, bh = table[rec["bucket"]]
+        bucket = "1:1" if "1:1" in table else nearest_bucket(1, 1, table)
         rng = np.random.default_rng([int(cfg["seed"]), int(image_id[:8], 16)])
-        box = random_square_box(w, h, bw, rng)
+        return bucket, random_square_box(width, height, table[bucket][0], rng)
+    bucket = nearest_bucket(width, height, table)
+    return bucket, crop_box(width, height, *table[bucket])
+
+
+def resize_to(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an HxWx3 uint8 array to ``size`` = (w, h) by the rule of :data:`CUBIC_MIN_SCALE`."""
+    h, w = img.shape[:2]
+    if (w, h) == tuple(size):
+        return img
+    scale = min(size[0] / w, size[1] / h)
+    if scale >= CUBIC_MIN_SCALE:
+        return cv2.resize(img, size, interpolation=cv2.INTER_CUBIC)
+    import torch
+
+    if _WORKER["single_thread"]:
+        torch.set_num_threads(1)
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
+    t = t.contiguous(memory_format=torch.channels_last)
+    out = torch.nn.functional.interpolate(t, (size[1], size[0]), mode="bicubic", antialias=True)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+
+
+def encode(bgr: np.ndarray, image_format: str, quality: int) -> bytes:
+    """JPEG (libjpeg-turbo, 4:2:0, baseline) at ``quality``, or lossless PNG (zlib level 1)."""
+    if image_format == "jpeg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     else:
-        rec["bucket"] = nearest_bucket(w, h, table)
-        bw, bh = table[rec["bucket"]]
-        box = crop_box(w, h, bw, bh)
-    rec["width"], rec["height"] = bw, bh
-    rec["upscale"] = max(bw / (box[2] - box[0]), bh / (box[3] - box[1]))
-    if rec["upscale"] > cfg["max_upscale"] + 1e-9:
-        rec["error"] = "too_small"
-        return rec
-    if image_path is not None and needs_image(rec, cfg, caption_error):
-        resized = Image.fromarray(rgb).resize((bw, bh), Image.Resampling.LANCZOS, box=box)
-        tmp = image_path.with_name(f".{image_path.name}.{os.getpid()}.tmp")
-        resized.save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, image_path)
-        rec["image"] = True
-    return rec
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {bgr.shape} image as {image_format}")
+    return buf.tobytes()
 
 
-def read_source(path: str) -> tuple[bytes | None, str, str]:
-    """(bytes or None, id, error) for one source path."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        detail = "file not found" if isinstance(err, FileNotFoundError) else f"{type(err).__name__}: {err}"
-        return None, hashlib.sha256(f"missing:{path}".encode()).hexdigest()[:16], f"unreadable: {detail}"
-    return data, hashlib.sha256(data).hexdigest()[:16], ""
+def render(data: bytes, header: Header, box: tuple, size: tuple[int, int], image_format: str, quality: int,
+           max_pixels: int) -> bytes:
+    """Bucket image bytes: decode (DCT-reduced when the box allows), crop ``box`` (displayed px), resize, encode."""
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
+    reduce = dct_reduction(box_w, box_h, 1) if header.fast_jpeg else 1
+    while reduce > 1 and (box_w / reduce < size[0] or box_h / reduce < size[1]):
+        reduce //= 2  # only as far as the crop stays at least as large as the bucket
+    bgr = decode_rgb(data, header, reduce=reduce, max_pixels=max_pixels, bgr=True)
+    sy, sx = bgr.shape[0] / header.display_size[1], bgr.shape[1] / header.display_size[0]
+    x0, y0 = round(box[0] * sx), round(box[1] * sy)
+    x1, y1 = max(x0 + 1, round(box[2] * sx)), max(y0 + 1, round(box[3] * sy))
+    return encode(resize_to(bgr[y0:y1, x0:x1], size), image_format, quality)
 
 
-def process_one(task: dict) -> dict:
-    """Record for one source (cached). ``task``: path, caption_error, cfg (see curate.worker_config)."""
+def render_one(task: dict) -> dict:
+    """Pass 2 for one kept row (cached): ``task`` = path, id, box, size, cfg."""
     cfg = task["cfg"]
-    cache_dir = Path(cfg["cache_dir"])
+    path = cache_file(cfg["render_dir"], task["id"], "jpg" if cfg["image_format"] == "jpeg" else "png")
+    if path.is_file():
+        return {"id": task["id"], "error": "", "cache_hit": True}
     data, image_id, error = read_source(task["path"])
-    if data is None:
-        return {"id": image_id, "error": error, "cache_hit": False}
-    record_path = cache_dir / f"{image_id}.json"
-    image_path = cache_dir / "images" / f"{image_id}.png"
-    if record_path.is_file():
-        rec = json.loads(record_path.read_text())
-        if not needs_image(rec, cfg, task["caption_error"]) or image_path.is_file():
-            rec["cache_hit"] = True
-            return rec
-    image_path.parent.mkdir(parents=True, exist_ok=True)
+    if data is None or image_id != task["id"]:
+        return {"id": task["id"], "error": error or "failed: the source changed during curation", "cache_hit": False}
     try:
-        rec = analyze(data, image_id, cfg, task["caption_error"], image_path)
-    except Exception as err:  # one image never kills the run: record why, do not cache (a fixed version retries)
-        return {"id": image_id, "error": f"failed: {type(err).__name__}: {err}", "cache_hit": False}
-    atomic_write_bytes(record_path, json.dumps(rec).encode())
-    rec["cache_hit"] = False
-    return rec
+        header = read_header(data, cfg["max_pixels"])
+        out = render(data, header, tuple(task["box"]), tuple(task["size"]), cfg["image_format"],
+                     cfg["image_quality"], cfg["max_pixels"])
+    except BadImage as bad:
+        return {"id": task["id"], "error": bad.reason, "cache_hit": False}
+    except Exception as err:  # one image never kills the run
+        return {"id": task["id"], "error": f"failed: {type(err).__name__}: {err}", "cache_hit": False}
+    _write_atomic(path, out)
+    return {"id": task["id"], "error": "", "cache_hit": False}
+
+
+_WORKER = {"single_thread": False}
 
 
 def init_worker() -> None:
-    """Process-pool initialiser: one OpenCV thread per worker process (the pool is the parallelism)."""
+    """Pool-worker initialiser: one OpenCV (and torch, when used) thread per worker (the pool is the parallelism)."""
     cv2.setNumThreads(1)
-
+    _WORKER["single_thread"] = True

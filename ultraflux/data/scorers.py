@@ -8,12 +8,15 @@ manifest records next to every score (``quality_scorer`` / ``aesthetic_scorer``)
 
 Backends:
 
-* learned, when ``curate.quality.weights`` / ``curate.aesthetic.weights`` names a local checkpoint directory:
-  loaded with ``transformers`` ``from_pretrained(dir, trust_remote_code=True)`` in fp16 on the GPU when one is present
-  (else fp32 on CPU), run in batches of ``batch_size`` in the main process over the bucket-resized images. The Q-Align
-  checkpoints (``q-future/one-align`` and friends) expose ``model.score(images, task_="quality", input_="image")``; an
-  ArtiMuse checkpoint must expose ``model.score(images)`` (e.g. the wrapper of the ArtiMuse repository). A missing
-  directory is a clear error before any work.
+* learned, when ``curate.quality.weights`` / ``curate.aesthetic.weights`` names a local checkpoint directory
+  (nothing is ever downloaded; a missing directory is a clear error before any work). They run in the main process
+  on the GPU when one is present, over the candidates that passed the cheap filters, in batches of ``batch_size``,
+  each image a DCT-reduced decode (long side >= 2048 px) of the STORED pixels, as the public tool reads them:
+
+  - Q-Align: ``pyiqa.create_metric("qalign")`` as tools/filtering_pipeline.py does, when the ``qalign`` extra is
+    installed (:class:`QAlignScorer`); else the checkpoint's own ``model.score`` through transformers.
+  - ArtiMuse: the ``InternVLChatModel.score`` interface of its repository (:class:`ArtiMuseScorer`), in its own
+    environment (it pins transformers 4.37.2).
 * classical stand-ins, when no weights are configured. They use NO learned weights and are named as such:
   ``standin:laplacian-sharpness`` (quality: log of the variance of the Laplacian of the 512-px-long-side gray image,
   a classical no-reference blur/sharpness measure) and ``standin:hasler-colorfulness`` (aesthetic: the colourfulness
@@ -24,33 +27,40 @@ Backends:
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 STANDIN_SIDE = 512
-"""Stand-ins score a copy whose long side is 512 px (INTER_AREA), so scores do not depend on resolution."""
+"""Stand-ins score a copy whose long side is 512 px, so scores do not depend on resolution. The copy is an area
+average of the full image; for JPEGs it comes from the decoder's DCT scaling (1/2, 1/4 or 1/8, then area-averaged
+to 512 px: :func:`ultraflux.data.decode.decode_small`), which costs a fraction of a full decode. Both are
+box-filter averages of the same pixels, so the scores measure the same thing either way."""
 
 
-def _small(rgb: np.ndarray) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    s = STANDIN_SIDE / max(h, w)
-    if s >= 1:
-        return rgb
-    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+def small_copy(rgb: np.ndarray) -> np.ndarray:
+    """The 512-px-long-side area-averaged copy the stand-ins score (unchanged when already that small)."""
+    from .decode import area_resize
+
+    return area_resize(rgb, STANDIN_SIDE)
 
 
 def laplacian_sharpness(rgb: np.ndarray) -> float:
     """log(1 + Var(Laplacian(gray))) on the 512-px copy: a classical no-reference sharpness score."""
-    gray = cv2.cvtColor(_small(rgb), cv2.COLOR_RGB2GRAY)
+    gray = cv2.cvtColor(small_copy(rgb), cv2.COLOR_RGB2GRAY)
     _, std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F, ksize=3))
     return float(np.log1p(float(std[0, 0]) ** 2))
 
 
 def hasler_colorfulness(rgb: np.ndarray) -> float:
     """Hasler & Suesstrunk (2003) colourfulness M = sigma_rgyb + 0.3 mu_rgyb on the 512-px copy."""
-    r, g, b = (c.astype(np.float32) for c in cv2.split(_small(rgb)))
+    r, g, b = (c.astype(np.float32) for c in cv2.split(small_copy(rgb)))
     rg = r - g
     yb = 0.5 * (r + g) - b
     (mu_rg,), (sd_rg,) = (v.ravel() for v in cv2.meanStdDev(rg))
@@ -80,63 +90,138 @@ class FunctionScorer(Scorer):
         return [self.fn(image) for image in images]
 
 
-def _device_and_dtype():
+def _device():
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda", torch.float16
-    return "cpu", torch.float32
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextmanager
+def _as_hub_name(repo_id: str, weights: str):
+    """Make the hub id ``repo_id`` resolve to the local directory ``weights`` while inside the block.
+
+    pyiqa's Q-Align arch calls ``from_pretrained("q-future/one-align")`` with no path argument. transformers loads
+    a model id that names an existing local directory from that directory (code, config, weights: nothing is
+    downloaded), so the block runs in a temporary folder where ``q-future/one-align`` is a link to ``weights``,
+    with the Hugging Face hub switched offline.
+    """
+    previous, env = os.getcwd(), {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    with tempfile.TemporaryDirectory(prefix="ultraflux-hub-") as tmp:
+        link = Path(tmp) / repo_id
+        link.parent.mkdir(parents=True)
+        link.symlink_to(Path(weights).resolve(), target_is_directory=True)
+        os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+            for key, value in env.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def pyiqa_available() -> bool:
+    return importlib.util.find_spec("pyiqa") is not None
 
 
 class QAlignScorer(Scorer):
-    """Q-Align quality (1-5) from a local checkpoint directory (seed Sec. 2.1: keep > 4.0)."""
+    """Q-Align quality (1-5) from a local ``q-future/one-align`` directory (seed Sec. 2.1: keep > 4.0).
+
+    With the ``qalign`` extra (pyiqa) installed: ``pyiqa.create_metric("qalign")`` exactly as the public
+    tools/filtering_pipeline.py calls it (one image per call, an RGB float tensor in [0, 1] = uint8 / 255), the
+    weights read from ``weights`` (see :func:`_as_hub_name`). Without pyiqa: the checkpoint's own remote code
+    (``AutoModelForCausalLM.from_pretrained(weights, trust_remote_code=True).score(images)``, Q-Align's README API).
+    """
 
     learned = True
+    REPO_ID = "q-future/one-align"
 
     def __init__(self, weights: str, batch_size: int = 8):
-        from transformers import AutoModelForCausalLM
+        import torch
 
-        device, dtype = _device_and_dtype()
-        self.name = f"q-align:{Path(weights).name}"
+        self.device = _device()
         self.batch_size = batch_size
-        self.model = AutoModelForCausalLM.from_pretrained(
-            weights, trust_remote_code=True, torch_dtype=dtype, device_map=device
-        ).eval()
+        self.backend = "pyiqa" if pyiqa_available() else "transformers"
+        self.name = qalign_name(weights)
+        if self.backend == "pyiqa":
+            import pyiqa
+
+            with _as_hub_name(self.REPO_ID, weights):
+                self.metric = pyiqa.create_metric("qalign", device=self.device)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            dtype = torch.float16 if self.device == "cuda" else torch.float32
+            self.model = AutoModelForCausalLM.from_pretrained(
+                weights, trust_remote_code=True, torch_dtype=dtype, device_map=self.device).eval()
 
     def score(self, images: list[np.ndarray]) -> list[float]:
         import torch
         from PIL import Image
 
         with torch.inference_mode():
+            if self.backend == "pyiqa":  # pyiqa's Q-Align takes one image per call
+                return [float(self.metric(torch.from_numpy(im.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+                                          .to(self.device)).item()) for im in images]
             out = self.model.score([Image.fromarray(im) for im in images], task_="quality", input_="image")
         return [float(v) for v in out.reshape(-1).float().cpu()]
 
 
 class ArtiMuseScorer(Scorer):
-    """ArtiMuse aesthetic score from a local checkpoint directory (seed Sec. 2.1: keep the top 30%)."""
+    """ArtiMuse aesthetic score (0-100) through its published interface (github.com/thunderbolt215/ArtiMuse,
+    ``src/eval/eval_image.py``): ``InternVLChatModel.from_pretrained(checkpoint)`` from the repository's
+    ``src/artimuse`` package, the slow tokenizer of the checkpoint, a 448x448 bicubic resize with ImageNet
+    normalisation, and ``model.score(device, tokenizer, pixel_values, generation_config)`` with greedy decoding.
+    ``code_dir`` is the ``src`` folder of an ArtiMuse checkout; ArtiMuse pins transformers 4.37.2, so it runs in
+    its own environment (README "Learned scorers"). Seed Sec. 2.1: keep the top 30%."""
 
     learned = True
+    INPUT_SIZE = 448
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    def __init__(self, weights: str, batch_size: int = 8):
-        from transformers import AutoModel
+    def __init__(self, weights: str, batch_size: int = 8, code_dir: str = ""):
+        import torch
 
-        device, dtype = _device_and_dtype()
+        if not code_dir or not (Path(code_dir) / "artimuse").is_dir():
+            raise FileNotFoundError(
+                f"curate.aesthetic.code_dir = {code_dir!r} must be the src/ folder of an ArtiMuse checkout "
+                "(github.com/thunderbolt215/ArtiMuse), which holds the artimuse package")
+        for path in (str(Path(code_dir) / "artimuse"), str(code_dir)):  # as src/eval/eval_image.py does
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        from artimuse.internvl.model.internvl_chat.modeling_artimuse import InternVLChatModel
+        from transformers import AutoTokenizer
+
+        self.device = _device()
+        self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.name = f"artimuse:{Path(weights).name}"
         self.batch_size = batch_size
-        self.model = AutoModel.from_pretrained(weights, trust_remote_code=True, torch_dtype=dtype).to(device).eval()
-        if not hasattr(self.model, "score"):
-            raise RuntimeError(
-                f"curate.aesthetic.weights = {weights!r}: the loaded model has no score(images) method; wrap the "
-                "ArtiMuse checkpoint with its repository's scoring code (github.com/thunderbolt215/ArtiMuse)"
-            )
+        self.model = InternVLChatModel.from_pretrained(
+            weights, torch_dtype=self.dtype, low_cpu_mem_usage=True, use_flash_attn=self.device == "cuda",
+        ).eval().to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=True, use_fast=False)
+        self.generation = dict(max_new_tokens=8192, do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
 
-    def score(self, images: list[np.ndarray]) -> list[float]:
+    def pixel_values(self, image: np.ndarray):
         import torch
         from PIL import Image
 
+        small = Image.fromarray(image).resize((self.INPUT_SIZE,) * 2, Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        x = (x - torch.tensor(self.MEAN)[:, None, None]) / torch.tensor(self.STD)[:, None, None]
+        return x[None].to(self.dtype).to(self.device)
+
+    def score(self, images: list[np.ndarray]) -> list[float]:
+        import torch
+
         with torch.inference_mode():
-            out = self.model.score([Image.fromarray(im) for im in images])
-        return [float(v) for v in np.asarray(torch.as_tensor(out).float().cpu()).reshape(-1)]
+            return [float(self.model.score(self.device, self.tokenizer, self.pixel_values(im), self.generation))
+                    for im in images]
+
+
+def qalign_name(weights: str) -> str:
+    backend = "pyiqa" if pyiqa_available() else "transformers"
+    return f"q-align({backend}):{Path(weights).name}"
 
 
 QUALITY_STANDIN = "standin:laplacian-sharpness"
@@ -154,7 +239,7 @@ def scorer_name(kind: str, cfg: dict) -> str:
     """Name of the scorer that ``make_scorer`` would build, without loading anything."""
     weights = (cfg or {}).get("weights", "") or ""
     if weights:
-        return f"{'q-align' if kind == 'quality' else 'artimuse'}:{Path(weights).name}"
+        return qalign_name(weights) if kind == "quality" else f"artimuse:{Path(weights).name}"
     return QUALITY_STANDIN if kind == "quality" else AESTHETIC_STANDIN
 
 
@@ -167,4 +252,6 @@ def make_scorer(kind: str, cfg: dict) -> Scorer:
         return FunctionScorer(name, STANDINS[name])
     check_weights(kind, weights)
     batch = int(cfg.get("batch_size", 8))
-    return QAlignScorer(weights, batch) if kind == "quality" else ArtiMuseScorer(weights, batch)
+    if kind == "quality":
+        return QAlignScorer(weights, batch)
+    return ArtiMuseScorer(weights, batch, cfg.get("code_dir", "") or "")

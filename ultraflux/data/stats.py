@@ -1,25 +1,28 @@
-"""Texture statistics of seed Sec. 2.1: the flat-region detector (S_flat) and the information-entropy filter.
+"""Texture statistics of seed Sec. 2.1, computed exactly as the public filtering tool computes them.
 
-Conventions (the seed leaves them open; these are the choices made here):
+The UltraFlux release ships ``tools/filtering_pipeline.py``, whose numbers are the metadata of MultiAspect-4K-1M.
+Its conventions, reproduced here:
 
-* ``I`` is the 8-bit (0-255) grayscale image, ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (OpenCV
-  ``COLOR_RGB2GRAY``, the same weights as Pillow's ``convert("L")``), computed ONCE per image and shared by both
-  statistics.
-* ``dI/dx``, ``dI/dy`` are the standard unnormalised 3x3 Sobel responses (OpenCV ``Sobel(ksize=3)`` /
-  ``spatialGradient``, kernel ``[-1 0 1; -2 0 2; -1 0 1]``, range +-1020) computed on the whole image with OpenCV's
-  default border (reflect-101), then tiled: the threshold 800 is in these units.
-* Patches are non-overlapping ``patch x patch`` (240) tiles on a grid centred in the image; the remainder border
-  (< 240 px per side in total) is not scored. An axis shorter than one patch is covered by one patch as long as the
-  axis (so a 200x1000 image has 4 patches of 200x240).
-* ``S_flat`` of a patch is the population variance (ddof 0) of the gradient magnitude ``sqrt(Ix^2 + Iy^2)``.
-  A patch is texture-poor when ``S_flat < threshold`` (800); an image is flat when MORE than ``max_fraction`` (50%)
-  of its patches are texture-poor (seed Sec. 2.1 "Flat-region detection").
-* Entropy is the Shannon entropy in bits of the 256-bin histogram of the same grayscale image (seed Sec. 2.1
-  "Information Entropy Filtering"); an image is dropped when ``H < 7.0``.
+* ``I`` is the 8-bit grayscale image, OpenCV's ``cvtColor(..., RGB2GRAY)`` (BT.601: 0.299 R + 0.587 G + 0.114 B,
+  fixed-point rounded) of the image's STORED pixels (Pillow ``convert("RGB")``, no EXIF rotation). For JPEGs the
+  decoder's own luma plane (``curate.gray: luma``) differs from it by one level on some pixels: see
+  :func:`ultraflux.data.decode.decode_gray` and benchmarks/bench_curate.py for what that changes.
+* Patches: the full ``patch x patch`` (240) tiles of a grid anchored at the TOP-LEFT corner; partial tiles at the
+  right and bottom edges are skipped. Each patch is Sobel-filtered ON ITS OWN (OpenCV ``Sobel``, ksize 3, the
+  default border, reflect-101, inside the patch), so a patch's statistic does not depend on its neighbours.
+* ``S_flat`` of a patch is the population variance of the gradient magnitude ``sqrt(Ix^2 + Iy^2)``; a patch is
+  texture-poor when ``S_flat < threshold`` (800). The flat fraction is (texture-poor patches) / (full patches), and
+  **0.0 when the image has no full patch** (the tool's choice), so such an image is never dropped as flat.
+  An image is dropped when MORE than ``max_fraction`` (50%) of its patches are texture-poor.
+* Entropy: ``skimage.measure.shannon_entropy(I)`` (bits), i.e. ``scipy.stats.entropy`` of the counts of the gray
+  levels present; dropped when ``H < 7.0``.
 
-Speed: everything runs on uint8/int16/float32 arrays with OpenCV (one ``spatialGradient`` pass, then the magnitude
-one strip of patches at a time so temporaries stay in cache, and ``meanStdDev`` per patch, accumulated in double);
-no scipy, no float64 image copies. See benchmarks/bench_curate.py.
+Speed and exactness (budget: well under the cost of a decode; figures in benchmarks/bench_curate.py): per patch,
+``cv2.spatialGradient`` gives the int16 Sobel pair (exact for uint8 input: |I_x| <= 1020). Then
+``Var(m) = E[Ix^2 + Iy^2] - E[m]^2`` where the first term is an exact integer sum (``cv2.norm(NORM_L2SQR)``) and
+``E[m]`` sums the float64 magnitude (``cv2.magnitude``: x^2 + y^2 is exact in float64, the square root is
+correctly rounded), so no float32 rounding enters: values agree with the tool's float64 per-patch ``var()`` to
+~1e-12 relative (tests/test_data_stats.py), and every flat verdict is the same.
 """
 
 from __future__ import annotations
@@ -27,45 +30,49 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+FLAT_PATCH = 240
+"""Seed Sec. 2.1: non-overlapping 240x240 patches."""
+
 
 def to_gray(rgb: np.ndarray) -> np.ndarray:
-    """8-bit BT.601 luma of an HxWx3 uint8 RGB array (a 2-D array is returned unchanged)."""
+    """OpenCV's 8-bit gray (BT.601) of an HxWx3 uint8 RGB array, as the public tool computes it (2-D: unchanged)."""
     if rgb.ndim == 2:
         return rgb
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 
 
-def patch_grid(height: int, width: int, patch: int) -> tuple[int, int, int, int, int, int]:
-    """Centred tiling: ``(y0, x0, ph, pw, ny, nx)`` for an image of this size (see module docstring)."""
-    ph, pw = min(patch, height), min(patch, width)
-    ny, nx = height // ph, width // pw
-    return (height - ny * ph) // 2, (width - nx * pw) // 2, ph, pw, ny, nx
+def patch_grid(height: int, width: int, patch: int = FLAT_PATCH) -> tuple[int, int]:
+    """Number of full patches ``(ny, nx)`` of the top-left-anchored grid (partial edge patches are skipped)."""
+    return height // patch, width // patch
 
 
-def patch_flatness(gray: np.ndarray, patch: int = 240) -> np.ndarray:
-    """Per-patch S_flat = Var(sqrt(Ix^2 + Iy^2)) with unnormalised 3x3 Sobel gradients; shape (ny, nx), float64."""
+def _patch_variance(patch: np.ndarray) -> float:
+    """Population variance of the Sobel magnitude of one patch, the patch filtered on its own (see module doc)."""
+    dx, dy = cv2.spatialGradient(patch)  # int16, ksize 3, reflect-101 inside this (isolated) array
+    mean_sq = (cv2.norm(dx, cv2.NORM_L2SQR) + cv2.norm(dy, cv2.NORM_L2SQR)) / patch.size  # exact integer sum
+    magnitude = cv2.magnitude(dx.astype(np.float64), dy.astype(np.float64))
+    mean = cv2.sumElems(magnitude)[0] / patch.size
+    return max(mean_sq - mean * mean, 0.0)
+
+
+def patch_flatness(gray: np.ndarray, patch: int = FLAT_PATCH) -> np.ndarray:
+    """Per-patch S_flat = Var(|Sobel|) of every full patch; shape ``patch_grid(...)``, float64."""
     if gray.dtype != np.uint8 or gray.ndim != 2:
         raise ValueError("patch_flatness expects a 2-D uint8 grayscale image")
-    h, w = gray.shape
-    y0, x0, ph, pw, ny, nx = patch_grid(h, w, patch)
-    gx, gy = cv2.spatialGradient(gray)  # int16 Sobel dx, dy (ksize 3, reflect-101 border), whole image
+    ny, nx = patch_grid(*gray.shape, patch)
     out = np.empty((ny, nx), dtype=np.float64)
-    for i in range(ny):  # one strip of patches at a time: the float32 temporaries stay in cache
-        rows = slice(y0 + i * ph, y0 + (i + 1) * ph)
-        cols = slice(x0, x0 + nx * pw)
-        fx, fy = gx[rows, cols].astype(np.float32), gy[rows, cols].astype(np.float32)
-        mag = np.sqrt(fx * fx + fy * fy)  # correctly rounded; cv2.magnitude's SIMD path varies with buffer alignment
+    for i in range(ny):
         for j in range(nx):
-            _, std = cv2.meanStdDev(mag[:, j * pw : (j + 1) * pw])  # accumulated in double by OpenCV
-            out[i, j] = float(std[0, 0]) ** 2
+            # A numpy view reaches OpenCV as its own matrix (no parent ROI), so the border is the patch's own.
+            out[i, j] = _patch_variance(gray[i * patch : (i + 1) * patch, j * patch : (j + 1) * patch])
     return out
 
 
-def flat_summary(s_flat: np.ndarray, threshold: float = 800.0) -> tuple[float, float]:
-    """(fraction of texture-poor patches, mean patch S_flat)."""
+def flat_summary(s_flat, threshold: float = 800.0) -> tuple[float, float]:
+    """(fraction of texture-poor patches, mean patch S_flat); ``(0.0, nan)`` without full patches (the tool's 0.0)."""
     values = np.asarray(s_flat, dtype=np.float64).ravel()
     if values.size == 0:
-        return 1.0, 0.0
+        return 0.0, float("nan")
     return float(np.mean(values < threshold)), float(values.mean())
 
 
@@ -74,8 +81,28 @@ def is_flat(flat_fraction: float, max_fraction: float = 0.5) -> bool:
     return flat_fraction > max_fraction
 
 
+def gray_counts(gray: np.ndarray) -> np.ndarray:
+    """The 256-bin histogram of an 8-bit image as exact int64 counts.
+
+    ``cv2.calcHist`` (one fast pass) returns float32 counts, exact only up to 2^24, so the pixels are counted in
+    chunks of at most 2^24 and the chunks summed as integers.
+    """
+    flat = np.ascontiguousarray(gray).reshape(1, -1)
+    chunk = 1 << 24
+    counts = np.zeros(256, np.int64)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start : start + chunk]
+        counts += cv2.calcHist([part], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    return counts
+
+
 def entropy_bits(gray: np.ndarray) -> float:
-    """Shannon entropy (bits) of the 256-bin histogram of an 8-bit grayscale image (seed Sec. 2.1, drop if < 7.0)."""
-    hist = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel().astype(np.float64)
-    p = hist[hist > 0] / hist.sum()
-    return float(-(p * np.log2(p)).sum()) + 0.0
+    """``skimage.measure.shannon_entropy(gray)`` in bits, from a histogram instead of a sort of every pixel.
+
+    skimage computes ``scipy.stats.entropy(counts, base=2)`` over the counts of the values present (``np.unique``);
+    the same call on the same counts in the same order gives the same float.
+    """
+    from scipy.stats import entropy
+
+    counts = gray_counts(gray)
+    return float(entropy(counts[counts > 0], base=2)) + 0.0

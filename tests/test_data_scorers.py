@@ -1,0 +1,97 @@
+"""Learned-scorer plumbing without the multi-GB checkpoints: pyiqa's Q-Align and ArtiMuse's published interface are
+replaced by recording fakes that check what our code hands them (local weights, input tensors, no download)."""
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ultraflux.data import scorers
+
+
+def test_qalign_goes_through_pyiqa_with_local_weights(tmp_path, monkeypatch):
+    weights = tmp_path / "one-align"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    seen = {}
+
+    class FakeMetric:
+        def __call__(self, x):
+            import torch
+
+            seen.setdefault("inputs", []).append((tuple(x.shape), x.dtype, float(x.min()), float(x.max())))
+            return torch.tensor([[3.0 + float(x.mean())]])
+
+    def create_metric(name, device="cuda"):
+        # pyiqa's arch loads from_pretrained("q-future/one-align"): that name must be our local folder, offline.
+        seen.update(name=name, device=device, resolved=Path("q-future/one-align").resolve(),
+                    offline=os.environ.get("HF_HUB_OFFLINE"))
+        return FakeMetric()
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
+    monkeypatch.setattr(scorers, "pyiqa_available", lambda: True)
+    cwd, offline = os.getcwd(), os.environ.get("HF_HUB_OFFLINE")
+    scorer = scorers.make_scorer("quality", {"weights": str(weights), "batch_size": 2})
+    assert os.getcwd() == cwd and os.environ.get("HF_HUB_OFFLINE") == offline  # both restored
+    assert seen["name"] == "qalign" and seen["resolved"] == weights.resolve() and seen["offline"] == "1"
+    assert scorer.name == "q-align(pyiqa):one-align" == scorers.scorer_name("quality", {"weights": str(weights)})
+    images = [np.full((20, 30, 3), 255, np.uint8), np.zeros((10, 10, 3), np.uint8)]
+    assert scorer.score(images) == [4.0, 3.0]
+    # as the public tool: one image per call, RGB float32 in [0, 1] (uint8 / 255), NCHW
+    import torch
+
+    assert seen["inputs"] == [((1, 3, 20, 30), torch.float32, 1.0, 1.0), ((1, 3, 10, 10), torch.float32, 0.0, 0.0)]
+
+
+def test_artimuse_uses_the_repository_interface(tmp_path, monkeypatch):
+    code = tmp_path / "src"
+    pkg = code / "artimuse" / "internvl" / "model" / "internvl_chat"
+    pkg.mkdir(parents=True)
+    for folder in (code / "artimuse", code / "artimuse" / "internvl", code / "artimuse" / "internvl" / "model", pkg):
+        (folder / "__init__.py").write_text("")
+    (pkg / "modeling_artimuse.py").write_text(
+        "CALLS = []\n"
+        "class InternVLChatModel:\n"
+        "    @classmethod\n"
+        "    def from_pretrained(cls, path, **kw):\n"
+        "        CALLS.append(('load', path, sorted(kw)))\n"
+        "        return cls()\n"
+        "    def eval(self):\n"
+        "        return self\n"
+        "    def to(self, device):\n"
+        "        return self\n"
+        "    def score(self, device, tokenizer, pixel_values, generation_config):\n"
+        "        CALLS.append(('score', tuple(pixel_values.shape), generation_config['do_sample']))\n"
+        "        return 50.0 + float(pixel_values.float().mean())\n")
+    weights = tmp_path / "ArtiMuse"
+    weights.mkdir()
+    tokenizer = types.SimpleNamespace(eos_token_id=2)
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, path, **kw: tokenizer if kw.get("use_fast") is False else None))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(FileNotFoundError, match="curate.aesthetic.code_dir"):
+        scorers.make_scorer("aesthetic", {"weights": str(weights)})
+    scorer = scorers.make_scorer("aesthetic", {"weights": str(weights), "code_dir": str(code)})
+    out = scorer.score([np.full((64, 96, 3), 128, np.uint8)])
+    from artimuse.internvl.model.internvl_chat import modeling_artimuse
+
+    assert modeling_artimuse.CALLS[0][:2] == ("load", str(weights))
+    assert modeling_artimuse.CALLS[1] == ("score", (1, 3, 448, 448), False)
+    assert scorer.name == "artimuse:ArtiMuse" and len(out) == 1 and 49 < out[0] < 51  # ImageNet-normalised mid-grey
+    sys.modules.pop("artimuse", None)
+
+
+def test_standins_are_named_and_resolution_independent():
+    from data_fixtures import textured
+
+    big = textured(2048, 1536, seed=2)
+    small = scorers.small_copy(big)
+    assert small.shape == (384, 512, 3)
+    assert scorers.laplacian_sharpness(big) == scorers.laplacian_sharpness(small)
+    assert scorers.hasler_colorfulness(big) == scorers.hasler_colorfulness(small)
+    assert scorers.scorer_name("quality", {}) == "standin:laplacian-sharpness"
+    assert scorers.scorer_name("aesthetic", {"weights": ""}) == "standin:hasler-colorfulness"
