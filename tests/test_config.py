@@ -65,6 +65,11 @@ WRONG_EDITS = [
     ("model.pretrained", "/no/such/flux", "'model.pretrained' must be a local diffusers-format directory"),
     ("tracking.experiment", "", "'tracking.experiment': must not be blank"),
     ("diagnostic", {"x": 1}, "'diagnostic' is not a known key"),
+    ("curate.gray", "exact", "'curate.gray' must be 'luma' or 'opencv'"),
+    ("curate.image_format", "webp", "'curate.image_format' must be 'jpeg' or 'png'"),
+    ("curate.image_quality", 0, "'curate.image_quality' must be greater than or equal to 1"),
+    ("curate.shard_max_mb", 0, "'curate.shard_max_mb' must be greater than or equal to 1"),
+    ("curate.min_train_images", -1, "'curate.min_train_images' must be greater than or equal to 0"),
 ]
 
 

@@ -382,16 +382,6 @@ def test_missing_source_fails_before_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key,value", [("gray", "exact"), ("image_format", "webp"), ("image_quality", 0),
-                                       ("shard_max_mb", 0), ("min_train_images", -1)])
-def test_bad_curate_keys_fail_before_work(tmp_path, key, value):
-    from ultraflux.config import ParamsError
-
-    with pytest.raises(ParamsError, match=f"curate.{key}"):
-        run_curation(base_params(**{key: value}), tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
-
-
 def test_bad_weights_path_fails_before_work(tmp_path):
     params = base_params(quality={"weights": str(tmp_path / "no-qalign"), "threshold": 4.0})
     with pytest.raises(FileNotFoundError, match="curate.quality.weights"):

@@ -41,7 +41,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ultraflux.config import ParamsError
 from ultraflux.io import atomic_path, write_json
 
 from . import process, scorers, synthetic
@@ -76,49 +75,34 @@ class TooFewImages(RuntimeError):
     """Curation left fewer images than ``curate.min_train_images`` / ``curate.min_holdout_images``."""
 
 
-def _choice(value, key: str, choices: tuple) -> str:
-    if value not in choices:
-        raise ParamsError(f"params: 'curate.{key}' must be one of {', '.join(choices)} (got {value!r})")
-    return value
-
-
-def _int(value, key: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
-        raise ParamsError(f"params: 'curate.{key}' must be {bound} (got {value!r})")
-    return value
-
-
 def worker_config(params: dict, cache_root: Path) -> dict:
-    """The plain, picklable settings both passes need; every key checked (naming it) before any work."""
+    """The plain, picklable settings both passes need (params are validated by ``ultraflux.schema`` before this)."""
     data = params.get("data", {}) or {}
     curate = params.get("curate", {}) or {}
     flat = {**SEED_DEFAULTS["flat"], **(curate.get("flat", {}) or {})}
     buckets = curate.get("buckets", {}) or {}
     variant = data.get("variant", "multiaspect")
-    if variant not in ("multiaspect", "baseline"):
-        raise ParamsError(f"params: 'data.variant' must be 'multiaspect' or 'baseline' (got {variant!r})")
     qcfg, acfg = curate.get("quality", {}) or {}, curate.get("aesthetic", {}) or {}
     cheap = variant == "multiaspect"
     cfg = {
         "variant": variant,
         "seed": int(params.get("seed", 0)),
-        "patch": _int(flat["patch"], "flat.patch", 3),
+        "patch": int(flat["patch"]),
         "flat_threshold": float(flat["threshold"]),
         "flat_max_fraction": float(flat["max_fraction"]),
         "entropy_min": float(curate.get("entropy_min", SEED_DEFAULTS["entropy_min"])),
-        "gray": _choice(curate.get("gray", "luma"), "gray", ("luma", "opencv")),
+        "gray": curate.get("gray", "luma"),
         "scale": float(buckets.get("scale", 1.0)),
         "aspects": list(buckets.get("aspects") or DEFAULT_ASPECTS),
         "max_upscale": float(curate.get("max_upscale", 1.5)),
-        "max_pixels": _int(curate.get("max_image_pixels", DEFAULT_MAX_PIXELS), "max_image_pixels", 1),
+        "max_pixels": int(curate.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
         "quality_standin": scorers.QUALITY_STANDIN if cheap and not qcfg.get("weights") else "",
         "aesthetic_standin": scorers.AESTHETIC_STANDIN if cheap and not acfg.get("weights") else "",
-        "image_format": _choice(curate.get("image_format", "jpeg"), "image_format", ("jpeg", "png")),
-        "image_quality": _int(curate.get("image_quality", 95), "image_quality", 1, 100),
-        "shard_max_bytes": _int(curate.get("shard_max_mb", 1024), "shard_max_mb", 1) << 20,
-        "min_train_images": _int(curate.get("min_train_images", 1), "min_train_images", 0),
-        "min_holdout_images": _int(curate.get("min_holdout_images", 0), "min_holdout_images", 0),
+        "image_format": curate.get("image_format", "jpeg"),
+        "image_quality": int(curate.get("image_quality", 95)),
+        "shard_max_bytes": int(curate.get("shard_max_mb", 1024)) << 20,
+        "min_train_images": int(curate.get("min_train_images", 1)),
+        "min_holdout_images": int(curate.get("min_holdout_images", 0)),
     }
     bucket_table(cfg["scale"], cfg["aspects"])  # a bad table fails here, before any work
     cfg["scan_dir"] = str(cache_root / process.scan_fingerprint(cfg))
