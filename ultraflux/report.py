@@ -191,12 +191,16 @@ def _curation(results: dict, outputs: Path) -> str:
                   **counts})]
     examples = outputs / "curated" / "examples"
     index = _load_json(examples / "index.json")
-    for group, items in (index.get("groups") or {}).items():
-        parts.append(f"<h3>{_esc(group)} ({len(items)} shown)</h3>")
-        for it in items:
+    for g in index.get("groups") or []:
+        parts.append(f"<h3>{_esc(g['group'])}: {g['count']} images ({len(g['items'])} shown)</h3>")
+        for it in g["items"]:
             scores = ", ".join(f"{k} {_fmt(v)}" for k, v in (it.get("scores") or {}).items())
-            parts.append(_figure(examples / it["file"], f"{_esc(Path(it['source']).name)}<br>{_esc(scores)}",
-                                 long_side=256))
+            caption = f"{_esc(it['source'])}<br>{_esc(scores)}"
+            if it.get("file"):
+                parts.append(_figure(examples / it["file"], caption, long_side=256))
+            else:
+                parts.append(f"<figure><figcaption>(no picture: {_esc(it['reason'])})<br>{caption}</figcaption>"
+                             "</figure>")
     if not index:
         parts.append("<p class='muted'>no example thumbnails (outputs/curated/examples)</p>")
     for png in sorted((outputs / "curated" / "plots").glob("*.png")):
