@@ -4,97 +4,24 @@ The transformer is never forked: ``transformer.pos_embed`` is replaced by ``Ultr
 ``FluxPosEmbed``'s call signature. ``pos_embed`` holds no weights, so checkpoints stay plain diffusers checkpoints and
 the RoPE variant is re-applied from params at load time.
 
-Official UltraFlux weights. The public release saves its transformer with its own ``FluxTransformer2DModel``, whose
-config.json carries RoPE keys that stock diffusers does not know (and would drop with a generic warning). They are
-read here and mapped explicitly onto params.yaml's ``rope`` section (what the release's code computes for them):
-
-    method: yarn       -> rope.kind = resonance_yarn, rope.snap_in_window = false (plain Flux inside the window),
-                          rope.train_len = 64 (its 2048 px base resolution / 32 px per token), rope.theta = 10000,
-                          (rope.yarn_alpha, rope.yarn_beta) = (1.25, 0.75), rope.ntk_factor = 1.0 (hard-wired)
-    method: base | ntk -> rope.kind = flux (its FluxPosEmbed computes the plain Flux RoPE for any method but yarn;
-                          it never passes an NTK factor)
-    ntk_factor: x      -> not read by the release's model class (no such argument), so its output is that of
-                          eta = 1: rope.ntk_factor must be 1.0; a value != 1 is reported, not applied
-
-Loading such a directory with params that disagree is an error naming the ``rope.*`` key (e.g. the embedded profile's
-``rope.train_len: 8`` against the release's 64), raised before any work. Directories without these keys (FLUX.1-dev,
-our own checkpoints) load with whatever RoPE params.yaml asks for.
+Official UltraFlux weights (a transformer config.json with the release's ``method`` / ``ntk_factor`` keys) are checked
+against params.yaml's ``rope`` section before they load: ``ultraflux.models.release``.
 """
 from __future__ import annotations
 
-import ast
 import json
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
 
-from ultraflux.models.rope import ROPE_THETA, TRAIN_LEN, YARN_ALPHA, YARN_BETA, build_pos_embed, rope_settings
+from ultraflux.models.release import RELEASE_ROPE_KEYS, RopeMismatchError, check_rope, quiet_config_keys, release_rope
+from ultraflux.models.rope import build_pos_embed
 
 LATENT_CHANNELS = 16  # Flux VAE latents; 2x2 packing gives in_channels = 64
-RELEASE_ROPE_KEYS = ("method", "ntk_factor")
-RELEASE_METHODS = ("yarn", "base", "ntk")
 
-logger = logging.getLogger(__name__)
-
-
-class RopeMismatchError(ValueError):
-    """params.yaml's ``rope`` section contradicts the RoPE the loaded weights were released with."""
-
-
-def release_rope(config: dict, source: str = "config.json") -> dict | None:
-    """The ``rope`` params the official release's config keys imply (module docstring), or None without such keys."""
-    if not any(k in config for k in RELEASE_ROPE_KEYS):
-        return None
-    method = config.get("method", "yarn")   # the release's FluxTransformer2DModel default
-    if method not in RELEASE_METHODS:
-        raise RopeMismatchError(f"{source}: 'method' must be one of {', '.join(RELEASE_METHODS)} "
-                                f"(UltraFlux release RoPE), got {method!r}")
-    if "ntk_factor" in config and float(config["ntk_factor"]) != 1.0:
-        logger.warning("%s: ntk_factor=%s is not read by the release's transformer (its YaRN uses eta = 1); "
-                       "reproducing the release needs rope.ntk_factor = 1.0", source, config["ntk_factor"])
-    if method != "yarn":
-        return {"kind": "flux"}
-    return {"kind": "resonance_yarn", "snap_in_window": False, "train_len": TRAIN_LEN, "theta": ROPE_THETA,
-            "yarn_alpha": YARN_ALPHA, "yarn_beta": YARN_BETA, "ntk_factor": 1.0}
-
-
-def check_rope(config: dict, rope_cfg: dict, source: str = "config.json") -> None:
-    """Raise ``RopeMismatchError`` naming each ``rope.*`` key that contradicts the released model's RoPE."""
-    expected = release_rope(config, source)
-    if expected is None:
-        return
-    ours = rope_settings(rope_cfg)
-    bad = [f"rope.{k} must be {v!r} (got {ours[k]!r})" for k, v in expected.items()
-           if not (ours[k] == v if isinstance(v, str) else float(ours[k]) == float(v))]
-    if bad:
-        keys = ", ".join(f"{k}={config[k]!r}" for k in RELEASE_ROPE_KEYS if k in config)
-        raise RopeMismatchError(f"{source} was released with the UltraFlux RoPE ({keys}); params.yaml disagrees: "
-                                + "; ".join(bad) + " (configs/paper-4k.yaml has the release's values)")
-
-
-@contextmanager
-def _quiet_release_keys(keys):
-    """Drop diffusers' generic 'config attributes ... are not expected' notice for keys this module has mapped."""
-    cfg_logger = logging.getLogger("diffusers.configuration_utils")
-
-    def keep(record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if "are not expected and will be ignored" not in msg:
-            return True
-        try:   # "The config attributes {...} were passed to ..., but are not expected ..."
-            unexpected = ast.literal_eval(msg.split("attributes ", 1)[1].split(" were passed", 1)[0])
-        except (IndexError, ValueError, SyntaxError):
-            return True
-        return not (isinstance(unexpected, dict) and set(unexpected) <= set(keys))
-
-    cfg_logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        cfg_logger.removeFilter(keep)
+__all__ = ["LATENT_CHANNELS", "RopeMismatchError", "build_transformer", "check_model_dir", "load_transformer",
+           "release_rope", "swap_rope"]
 
 
 def _model_dir(path: str | Path) -> Path:
@@ -127,7 +54,7 @@ def load_transformer(path: str | Path, rope_cfg: dict, **kwargs) -> FluxTransfor
         raise FileNotFoundError(f"{path}: no config.json (not a diffusers transformer directory)")
     config = json.loads((path / "config.json").read_text())
     check_rope(config, rope_cfg, str(path / "config.json"))
-    with _quiet_release_keys([k for k in RELEASE_ROPE_KEYS if k in config]):
+    with quiet_config_keys([k for k in RELEASE_ROPE_KEYS if k in config]):
         transformer = FluxTransformer2DModel.from_pretrained(path, **kwargs)
     return swap_rope(transformer, rope_cfg)
 
