@@ -146,8 +146,9 @@ class UltraFluxPipeline(FluxPipeline):
     def _cast(self, dtype: torch.dtype) -> None:
         """Cast the components that are not in ``dtype`` yet. Plain ``nn.Module.to`` where no submodule must stay in
         float32: diffusers' ``ModelMixin.to`` warns on every dtype cast, even when its float32 list is empty."""
-        for _, module in self.components.items():
-            if not isinstance(module, torch.nn.Module) or next(module.parameters()).dtype == dtype:
+        for module in self.components.values():
+            first = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+            if first is None or first.dtype == dtype:
                 continue
             if getattr(module, "_keep_in_fp32_modules", None):
                 module.to(dtype=dtype)
