@@ -127,16 +127,17 @@ def main() -> None:
     print(f"{'vae decode':>11} {'tiled':>6} {'peak RSS MiB':>13} {'decode RSS +MiB':>16} {'seconds':>8}")
     for mode, label in (("off", "untiled"), ("on", f"tiled {args.tile}")):
         r = runs[mode]
-        print(f"{label:>11} {str(r['tiled']):>6} {r['peak_rss'] / 2**20:>13.0f} {r['decode_rss_growth'] / 2**20:>16.0f} "
-              f"{r['seconds']:>8.1f}")
+        print(f"{label:>11} {str(r['tiled']):>6} {r['peak_rss'] / 2**20:>13.0f} "
+              f"{r['decode_rss_growth'] / 2**20:>16.0f} {r['seconds']:>8.1f}")
     diff = np.abs(tiled - untiled)
     mse = float((diff ** 2).mean())
     print(f"tiled vs untiled: mean |diff| {diff.mean():.4f}, max |diff| {diff.max():.4f} (image range [0, 1], "
           f"untiled std {untiled.std():.4f}), PSNR {10 * np.log10(1.0 / max(mse, 1e-20)):.1f} dB")
     print(f"seam ratio at tile joins (1.0 = none): tiled {seam_ratio(tiled, args.tile):.3f}, "
           f"untiled at the same columns {seam_ratio(untiled, args.tile):.3f}")
-    print(f"peak RSS ratio tiled / untiled: {runs['on']['peak_rss'] / runs['off']['peak_rss']:.3f}; decode-phase growth "
-          f"ratio: {runs['on']['decode_rss_growth'] / max(1, runs['off']['decode_rss_growth']):.3f}")
+    on, off = runs["on"], runs["off"]
+    print(f"peak RSS ratio tiled / untiled: {on['peak_rss'] / off['peak_rss']:.3f}; decode-phase growth ratio: "
+          f"{on['decode_rss_growth'] / max(1, off['decode_rss_growth']):.3f}")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def test_offload_calls_diffusers_on_an_accelerator(model_dirs, monkeypatch):
     params, root = model_dirs
     pipe = load_pipeline(params, root / "transformer", root / "vae", place=False)
     seen = []
-    monkeypatch.setattr(UltraFluxPipeline, "enable_model_cpu_offload", lambda self, device: seen.append(("model", device)))
+    monkeypatch.setattr(UltraFluxPipeline, "enable_model_cpu_offload",
+                        lambda self, device: seen.append(("model", device)))
     monkeypatch.setattr(UltraFluxPipeline, "enable_sequential_cpu_offload",
                         lambda self, device: seen.append(("sequential", device)))
     monkeypatch.setattr(UltraFluxPipeline, "to", lambda self, *a, **k: seen.append(("to", k)) or self)
