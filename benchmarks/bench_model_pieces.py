@@ -4,13 +4,17 @@
    (goal: <= 3% overhead for the SNR-aware Huber wavelet objective).
 2. Transformer forward with Resonance 2D RoPE + YaRN vs Flux RoPE at an already seen resolution (goal: no measurable
    difference, the cos/sin tables are cached), and the RoPE module alone (cached vs diffusers' FluxPosEmbed).
+3. F16 VAE decode, plain vs partitioned (the release's four-quadrant last upsample + conv): seconds and the peak
+   resident-memory growth of the decode (polled), interleaved, at --decode-px (tiny VAE of params.yaml).
 
-    python benchmarks/bench_model_pieces.py [--grid 32 32] [--batch 2] [--reps 30]
+    python benchmarks/bench_model_pieces.py [--grid 32 32] [--batch 2] [--reps 30] [--decode-px 2048]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from ultraflux.config import load_params
 from ultraflux.losses import dit_loss
 from ultraflux.models.rope import UltraFluxPosEmbed, build_pos_embed
+from ultraflux.models.vae import build_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,12 +56,52 @@ def img_ids(h: int, w: int) -> torch.Tensor:
     return torch.stack([torch.zeros(h * w), hh.flatten().float(), ww.flatten().float()], dim=-1)
 
 
+def peak_rss_growth(fn) -> tuple[float, int]:
+    """(seconds, peak RSS growth in bytes) of one call of ``fn``, RSS polled every 2 ms."""
+    import psutil
+
+    proc = psutil.Process()
+    base, peak, stop = proc.memory_info().rss, [0], [False]
+
+    def poll():
+        while not stop[0]:
+            peak[0] = max(peak[0], proc.memory_info().rss - base)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    t = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t
+    stop[0] = True
+    thread.join()
+    return seconds, peak[0]
+
+
+def bench_decode(model_cfg: dict, px: int, reps: int) -> None:
+    vae = build_vae(model_cfg).eval()
+    z = torch.randn(1, 16, px // 16, px // 16, generator=torch.Generator().manual_seed(0))
+    runs = {"plain": [], "partitioned": []}
+    with torch.no_grad():
+        for i in range(reps):                            # ABBA order
+            for mode in (("plain", "partitioned") if i % 2 == 0 else ("partitioned", "plain")):
+                vae.set_decode_mode(mode)
+                runs[mode].append(peak_rss_growth(lambda: vae.decode(z)))
+    c0 = vae.decoder.conv_out.in_channels
+    for mode, r in runs.items():
+        print(f"[vae decode {px}x{px}]  {mode:11s} {statistics.median(s for s, _ in r):7.2f} s   peak RSS growth "
+              f"{statistics.median(m for _, m in r) / 2**20:7.0f} MiB   (largest upsampled map "
+              f"{c0 * px * px * 4 / (4 if mode == 'partitioned' else 1) / 2**20:.0f} MiB fp32, {c0} channels)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", type=int, nargs=2, default=(32, 32), help="latent H W (tokens = H/2 x W/2)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--decode-px", type=int, default=2048, help="image side for the decode comparison (0 = skip)")
+    ap.add_argument("--decode-reps", type=int, default=4)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,6 +195,10 @@ def main() -> None:
     t2 = statistics.median(timed(lambda: ref(big), 5))
     print(f"[rope module, paper axes, 64x128 tokens, s = {paper.last_scales[1:]}]  first call "
           f"{1e3 * t0:.1f} ms, cached {1e3 * t1:.2f} ms, diffusers FluxPosEmbed {1e3 * t2:.1f} ms")
+
+    # 3. VAE decode, plain vs partitioned
+    if args.decode_px:
+        bench_decode(params["model"], args.decode_px, args.decode_reps)
 
 
 if __name__ == "__main__":

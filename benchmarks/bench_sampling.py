@@ -25,7 +25,7 @@ from ultraflux.config import load_params
 from ultraflux.models.text import build_text_encoders
 from ultraflux.models.transformer import build_transformer
 from ultraflux.models.vae import build_vae
-from ultraflux.pipelines.pipeline_ultraflux import UltraFluxPipeline, static_shift_scheduler
+from ultraflux.pipelines.pipeline_ultraflux import UltraFluxPipeline, decode_settings_from, static_shift_scheduler
 
 EVAL_SIZES = [(4096, 4096), (4096, 2048), (2048, 4096), (5120, 2880), (2496, 5952)]  # seed Table 5 / Sec. 8
 
@@ -97,8 +97,7 @@ def main():
     stock.image_processor = VaeImageProcessor(vae_scale_factor=32)
     for p in (ours, stock):
         p.set_progress_bar_config(disable=True)
-    if args.full:
-        ours.vae.enable_tiling()
+    ours.configure_decode(**decode_settings_from(params["sample"]))   # 4K: tiled above 2048^2 px (sample.vae_tiling)
 
     print(f"device={device} dtype={dtype} steps={args.steps} repeats={args.repeats} scale={args.scale} "
           f"threads={torch.get_num_threads()}")

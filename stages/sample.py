@@ -1,4 +1,8 @@
-"""DVC stage `sample`: the prompt list x aspect ratios, with the stage-2 and the stage-1 model (for the judge)."""
+"""DVC stage `sample`: the prompt list x aspect ratios, with the stage-2 and the stage-1 model (for the judge).
+
+Decode (tiled above sample.vae_tiling_min_pixels, partitioned for official weights), offload and dtype: params.yaml's
+``sample`` keys, applied by ``load_pipeline``.
+"""
 import json
 from pathlib import Path
 
@@ -13,6 +17,7 @@ def main(params, logger):
     from ultraflux.sampling import sample_set
     from ultraflux.tracking import repo_root
 
+    pipe = load_pipeline(params, Path("outputs/dit_stage2/transformer"), Path("outputs/vae/vae"))
     prompts = list(params["sample"]["prompts"])
     if params["sample"]["refine_prompts"]:
         from ultraflux.evaluation.refiner import refine_prompts
@@ -20,16 +25,21 @@ def main(params, logger):
         prompts = refine_prompts(prompts, params["refiner"], repo_root() / ".cache" / "refiner")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prompts.json").write_text(json.dumps(prompts, indent=2))
-    timing = {}
-    pipe = load_pipeline(params, Path("outputs/dit_stage2/transformer"), Path("outputs/vae/vae"))
+    timing, tiled = {}, 0
     for label in ("dit_stage2", "dit_stage1"):
         if label != "dit_stage2":  # same VAE and text encoders: swap only the transformer
-            pipe.transformer = load_transformer(Path("outputs") / label / "transformer", params["rope"])
-        timing.update({f"{label}.{k}": v for k, v in sample_set(params, pipe, prompts, OUT / label).items()})
+            pipe.replace_transformer(load_transformer(Path("outputs") / label / "transformer", params["rope"]))
+        result = sample_set(params, pipe, prompts, OUT / label)
+        tiled += result.pop("vae_tiled_images")
+        timing.update({f"{label}.{k}": v for k, v in result.items()})
     for grid in sorted((OUT / "dit_stage2").glob("grid_*.png")):
         logger.log_artifact(grid, "samples")
     logger.log_metrics(timing)
-    return {"num_prompts": len(prompts), "aspects": len(params["sample"]["aspects"]), "_timing": timing}
+    logger.set_tags({"sample.device": pipe.placement["device"], "sample.dtype": pipe.placement["dtype"],
+                     "sample.offload": pipe.placement["offload"], "sample.rope": pipe.transformer.pos_embed.describe(),
+                     "sample.vae_decode": pipe.last_decode.get("mode", "")})
+    return {"num_prompts": len(prompts), "aspects": len(params["sample"]["aspects"]), "vae_tiled_images": tiled,
+            "vae_decode_partitioned": int(pipe.last_decode.get("mode") == "partitioned"), "_timing": timing}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The F16 VAE: Flux F8 body + stride-2 conv_in + nearest-2x conv_out (seed Sec. 2.2, Table 2/3)."""
 import json
+import logging
 
 import pytest
 import torch
@@ -138,3 +139,159 @@ def test_tiled_decode_bounded_and_close(vae):
     # random-init decoders have per-tile GroupNorm/attention statistics, so agreement is approximate
     corr = torch.corrcoef(torch.stack([y.flatten(), yt.flatten()]))[0, 1]
     assert corr > 0.8
+
+
+# ---- partitioned decode (the public release's default) ----------------------------------------------------------
+
+def _conv_out_input(vae, z):
+    """The features entering decoder.conv_out (after norm + SiLU) for latents z."""
+    seen = []
+    handle = vae.decoder.conv_out.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        vae.decode(z)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("hw", [(3, 5), (4, 4), (2, 7)])
+def test_partitioned_decode_is_the_plain_one_shifted_by_one_pixel(vae, hw):
+    torch.manual_seed(1)
+    z = torch.randn(1, 16, *hw)
+    vae.set_decode_mode("plain")
+    with torch.no_grad():
+        plain = vae.decode(z).sample
+    h = _conv_out_input(vae, z)
+    assert vae.set_decode_mode("partitioned") == "partitioned" and vae.decode_mode == "partitioned"
+    calls = []
+    handle = vae.decoder.conv_out.register_forward_hook(lambda m, a, o: calls.append(1))
+    with torch.no_grad():
+        part = vae.decode(z).sample
+    handle.remove()
+    vae.set_decode_mode("plain")
+    # independent computation: the 3x3 conv of the 2x nearest upsample, over zero padding 2, first 2H x 2W outputs
+    conv = vae.decoder.conv_out
+    expected = F.conv2d(F.interpolate(h, scale_factor=2, mode="nearest"), conv.weight, conv.bias,
+                        padding=2)[..., :plain.shape[-2], :plain.shape[-1]]
+    assert part.shape == plain.shape == (1, 3, 16 * hw[0], 16 * hw[1])
+    assert torch.allclose(part, expected, atol=1e-5)
+    assert torch.allclose(part[..., 1:, 1:], plain[..., :-1, :-1], atol=1e-5)      # the one-pixel shift
+    assert not torch.allclose(part, plain, atol=1e-3)
+    assert len(calls) == 1
+
+
+def test_partitioned_conv_works_quadrant_by_quadrant():
+    """Largest upsampled activation: a quarter of the image plus the halo, not the full map."""
+    conv = from_f8(AutoencoderKL(**tiny_config([16, 32]))).decoder.conv_out
+    x = torch.randn(1, 16, 9, 12)                          # odd height: uneven halves are fine too
+    sizes = []
+    orig = F.interpolate
+
+    def spy(t, *a, **k):
+        sizes.append(tuple(t.shape[-2:]))
+        return orig(t, *a, **k)
+
+    conv.partitioned = True
+    F.interpolate = spy
+    try:
+        with torch.no_grad():
+            y = conv(x)
+    finally:
+        F.interpolate = orig
+    assert sizes == [(5, 7), (5, 7), (6, 7), (6, 7)]        # (4 or 5 rows + halo) x (6 cols + halo)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2), conv.weight, conv.bias, padding=2)[..., :18, :24]
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_release_format_vae_loads_as_f16_and_decodes_partitioned(tmp_path):
+    torch.manual_seed(3)
+    f8 = AutoencoderKL(**tiny_config([16, 32, 32, 32]))
+    f8.save_pretrained(tmp_path / "UltraFlux-v1" / "vae")
+    cfg_path = tmp_path / "UltraFlux-v1" / "vae" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "stride": 2}))   # what the release's AutoencoderKL writes
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        official = load_vae(tmp_path / "UltraFlux-v1")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "not expected" in r.getMessage()]
+    assert official.release_format and spatial_factor(official) == 16
+    assert official.decode_mode == "plain"                  # the module default; auto picks per weights
+    assert official.set_decode_mode("auto") == "partitioned"
+    ours = from_f8(f8).eval()
+    assert not ours.release_format and ours.set_decode_mode("auto") == "plain"
+    z = torch.randn(1, 16, 4, 6)
+    with torch.no_grad():
+        assert torch.allclose(official.decode(z).sample[..., 1:, 1:], ours.decode(z).sample[..., :-1, :-1],
+                              atol=1e-5)
+    # a saved copy is this project's format: no longer the release's, plain under auto
+    official.save_pretrained(tmp_path / "saved")
+    assert load_vae(tmp_path / "saved").set_decode_mode("auto") == "plain"
+    cfg_path.write_text(json.dumps({**cfg, "stride": 3}))
+    with pytest.raises(ValueError, match="'stride' must be 2"):
+        load_vae(tmp_path / "UltraFlux-v1")
+    with pytest.raises(ValueError, match="decode mode"):
+        ours.set_decode_mode("quadrants")
+
+
+def test_partitioned_combines_with_tiling(vae):
+    torch.manual_seed(0)
+    z = torch.randn(1, 16, 32, 32)                          # 512 x 512 px, 16-latent tiles at a 12-latent stride
+    modes = []
+    handle = vae.decoder.conv_out.register_forward_hook(lambda m, a, o: modes.append(m.partitioned))
+    with torch.no_grad():
+        vae.enable_tiling(256)
+        vae.set_decode_mode("plain")
+        tiled_plain = vae.decode(z).sample
+        vae.set_decode_mode("partitioned")
+        tiled_part = vae.decode(z).sample
+        vae.use_tiling = False
+        full_part = vae.decode(z).sample
+    handle.remove()
+    vae.set_decode_mode("plain")
+    vae.set_tile_size(vae.config.sample_size)
+    assert modes == [False] * 9 + [True] * 9 + [True]      # 3 x 3 tiles, each tile's decoder call partitioned
+    assert tiled_part.shape == full_part.shape == (1, 3, 512, 512)
+    assert not torch.allclose(tiled_part, tiled_plain, atol=1e-3)
+    # the shift survives tiling: the partitioned tiled image is the plain tiled one moved by one pixel, away from
+    # the tile joins (where each tile's own shifted border enters the blend)
+    inner = (slice(None), slice(None), slice(8, 180), slice(8, 180))
+    assert torch.allclose(tiled_part[..., 1:, 1:][inner], tiled_plain[..., :-1, :-1][inner], atol=1e-4)
+
+
+def _column_jumps(y):
+    return y.diff(dim=-1).abs().mean(dim=(0, 1, 2))        # mean |x+1 - x| per column
+
+
+def test_tiled_decode_has_no_seam_and_small_difference(vae):
+    """diffusers' tiled decode with the F16 tile geometry: 25% overlap blended linearly (seams invisible)."""
+    torch.manual_seed(0)
+    smooth = F.interpolate(torch.randn(1, 16, 8, 8), size=(64, 64), mode="bicubic")   # structure > tile
+    with torch.no_grad():
+        vae.use_tiling = False
+        untiled = vae.decode(smooth).sample
+        ratios = {}
+        for overlap in (0.25, 0.0):                          # 0.0: abutting tiles, the control that must show seams
+            vae.enable_tiling(512)
+            vae.tile_overlap_factor = overlap
+            tiled = vae.decode(smooth).sample
+            step = 512 - int(512 * overlap)                  # output columns per tile
+            joins = [k * step - 1 for k in range(1, 1024 // step + 1) if k * step < 1024]
+            jumps = _column_jumps(tiled)
+            ratios[overlap] = float(jumps[joins].max() / jumps.median())
+        untiled_jumps = _column_jumps(untiled)
+        # stationary latents (iid, as sampled latents are locally): tile and image statistics agree, so what is left
+        # is the tiling/blending error of a random-init decoder (per-tile GroupNorm and attention statistics)
+        iid = torch.randn(1, 16, 96, 96)
+        vae.enable_tiling(768)
+        vae.tile_overlap_factor = 0.25
+        tiled_iid = vae.decode(iid).sample
+        vae.use_tiling = False
+        untiled_iid = vae.decode(iid).sample
+    vae.set_tile_size(vae.config.sample_size)
+    assert ratios[0.25] < 1.2 and ratios[0.0] > 2.0
+    assert float(untiled_jumps[[383, 767]].max() / untiled_jumps.median()) < 1.2     # same columns, no tiling
+    assert float((tiled_iid - untiled_iid).abs().mean() / untiled_iid.std()) < 0.1

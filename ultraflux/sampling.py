@@ -1,12 +1,13 @@
-"""Sampling: fixed prompts x aspect ratios, one image each, reproducible by seed; and the ``generate`` CLI.
+"""Sampling: fixed prompts x aspect ratios, one image each, reproducible by seed; and the work behind ``generate``.
 
 Image sizes come from the aspect-ratio bucket table at ``curate.buckets.scale`` (1.0 = the 4K table), or explicitly
 (``--size 4096x2048``). Image i of a prompt list uses ``torch.Generator().manual_seed(seed + i)``: same seed, same image.
+How the VAE decodes (tiled above ``sample.vae_tiling_min_pixels``, partitioned for the official weights) and where the
+pipeline runs (``sample.offload``, ``sample.dtype``) are params.yaml's ``sample`` keys, applied by
+``ultraflux.pipelines.load_pipeline``; ``generate`` and ``sample_set`` report what each image used.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -17,9 +18,22 @@ from tqdm import tqdm
 from ultraflux.data.buckets import bucket_table
 from ultraflux.io import atomic_path
 
+SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload")   # ``sample`` keys a command line may override
+
 
 def image_size(params: dict, aspect: str) -> tuple[int, int]:
     return bucket_table(params["curate"]["buckets"]["scale"])[aspect]
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """``"4096x2048"`` -> (4096, 2048); sides must be positive multiples of 32 px (F16 VAE x 2x2 patches)."""
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like 4096x2048, got {size!r}") from None
+    if w <= 0 or h <= 0 or w % 32 or h % 32:
+        raise ValueError(f"size sides must be positive multiples of 32 px (16 px VAE x 2x2 patches), got {size!r}")
+    return w, h
 
 
 def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 4) -> Image.Image:
@@ -42,8 +56,9 @@ def generate(pipe, prompt: str, width: int, height: int, steps: int, guidance: f
 
 
 def sample_set(params: dict, pipe, prompts: list[str], out_dir: Path, progress: bool = True) -> dict:
-    """Write ``out_dir/<aspect>/<i>.png`` and ``out_dir/grid_<aspect>.png``; returns seconds per image by aspect."""
-    cfg, seconds = params["sample"], {}
+    """Write ``out_dir/<aspect>/<i>.png`` and ``out_dir/grid_<aspect>.png``; returns seconds per image by aspect and
+    ``vae_tiled_images`` (how many images the VAE decoded tiled)."""
+    cfg, seconds, tiled = params["sample"], {}, 0
     jobs = [(a, i, p) for a in cfg["aspects"] for i, p in enumerate(prompts)]
     bar = tqdm(jobs, desc=f"sample {out_dir.name}", disable=not progress)
     by_aspect: dict[str, list[Image.Image]] = {}
@@ -52,51 +67,36 @@ def sample_set(params: dict, pipe, prompts: list[str], out_dir: Path, progress: 
         t0 = time.perf_counter()
         img = generate(pipe, prompt, w, h, cfg["num_inference_steps"], cfg["guidance_scale"], params["seed"] + i)
         seconds.setdefault(aspect, []).append(time.perf_counter() - t0)
+        tiled += int(pipe.last_decode.get("tiled", False))
         path = out_dir / aspect.replace(":", "x") / f"{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, ".png") as tmp:
             img.save(tmp)
         by_aspect.setdefault(aspect, []).append(img)
     for aspect, imgs in by_aspect.items():
-        make_grid(imgs).save(out_dir / f"grid_{aspect.replace(':', 'x')}.png")
-    return {f"sec_per_image_{a.replace(':', 'x')}": sum(v) / len(v) for a, v in seconds.items()}
+        with atomic_path(out_dir / f"grid_{aspect.replace(':', 'x')}.png", ".png") as tmp:
+            make_grid(imgs).save(tmp)
+    return {"vae_tiled_images": tiled,
+            **{f"sec_per_image_{a.replace(':', 'x')}": sum(v) / len(v) for a, v in seconds.items()}}
 
 
-def cli_generate(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="ultraflux generate", description="Generate one image with a trained model.")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--aspect", default="1:1", help="an aspect ratio of the bucket table, e.g. 16:9")
-    ap.add_argument("--size", default=None, help="explicit WxH, e.g. 4096x2048 (overrides --aspect)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=None, help="default: sample.num_inference_steps")
-    ap.add_argument("--guidance", type=float, default=None)
-    ap.add_argument("--transformer", default="outputs/dit_stage2/transformer")
-    ap.add_argument("--vae", default="outputs/vae/vae")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+def generate_file(params: dict, transformer_dir: str | Path, vae_dir: str | Path, prompt: str, out: str | Path,
+                  width: int, height: int, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                  overrides: dict | None = None, progress: bool = True) -> dict:
+    """One image from trained (or official) weights to ``out`` (written atomically); returns what was done.
 
-    from ultraflux.config import load_params
+    ``overrides`` replace ``sample`` keys (``SAMPLE_OVERRIDES``) for this call only.
+    """
     from ultraflux.pipelines import load_pipeline
 
-    params = load_params(args.params)
-    if args.size:
-        try:
-            w, h = (int(v) for v in args.size.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--size must look like 4096x2048, got {args.size!r}")
-    else:
-        table = bucket_table(params["curate"]["buckets"]["scale"])
-        if args.aspect not in table:
-            raise SystemExit(f"--aspect {args.aspect!r} is not in the bucket table: {', '.join(table)}")
-        w, h = table[args.aspect]
-    for p in (args.transformer, args.vae):
-        if not Path(p).is_dir():
-            raise SystemExit(f"{p}: not a model directory (run `dvc repro` first or pass --transformer/--vae)")
-    pipe = load_pipeline(params, args.transformer, args.vae)
-    img = generate(pipe, args.prompt, w, h, args.steps or params["sample"]["num_inference_steps"],
-                   args.guidance or params["sample"]["guidance_scale"], args.seed, progress=True)
-    with atomic_path(args.out, Path(args.out).suffix) as tmp:
+    bad = set(overrides or {}) - set(SAMPLE_OVERRIDES)
+    if bad:
+        raise ValueError(f"cannot override sample.{', sample.'.join(sorted(bad))} here")
+    sample_cfg = {**params["sample"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    pipe = load_pipeline({**params, "sample": sample_cfg}, transformer_dir, vae_dir)
+    img = generate(pipe, prompt, width, height, steps or sample_cfg["num_inference_steps"],
+                   sample_cfg["guidance_scale"] if guidance is None else guidance, seed, progress=progress)
+    with atomic_path(out, Path(out).suffix) as tmp:
         img.save(tmp)
-    print(json.dumps({"out": args.out, "width": w, "height": h, "seed": args.seed}))
-    return 0
+    return {"out": str(out), "width": width, "height": height, "seed": seed,
+            "vae_tiled": pipe.last_decode["tiled"], "vae_decode": pipe.last_decode["mode"], **pipe.placement}

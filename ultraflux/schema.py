@@ -157,8 +157,9 @@ class Rope(Section):                                     # seed Sec. 3, Table 3 
     ntk_factor: NonNegFloat                              # eta = 1.0
     yarn_alpha: PosFloat                                 # (alpha, beta) = (1.25, 0.75)
     yarn_beta: PosFloat
-    max_scale: Annotated[float, Field(ge=1)]             # s_a = 2.0
-    snap_all_bands: bool
+    max_scale: Annotated[float, Field(ge=1)]             # s_a = 2.0 (resolution scale; a warning, never a clamp)
+    snap_all_bands: bool                                 # the literal max(1, round(r_k)) for every band
+    snap_in_window: bool                                 # snap also inside the window (Fig. 2 reading; release: no)
 
     @model_validator(mode="after")
     def _ramp(self):
@@ -166,6 +167,10 @@ class Rope(Section):                                     # seed Sec. 3, Table 3 
             raise ValueError(f"yarn_alpha ({self.yarn_alpha}) must exceed yarn_beta ({self.yarn_beta}): the ramp "
                              "runs from alpha rotations (NTK) down to beta (linear)")
         return self
+
+
+class Diagnostics(Section):                              # seed Figs. 1-3
+    max_latents: PosInt                                  # Fig. 3 statistics over at most this many images (Sec. 4: 400)
 
 
 class Loss(Section):                                     # seed Table 3 "DiT objective"
@@ -229,6 +234,12 @@ class Sample(Section):
     num_inference_steps: PosInt                          # seed Sec. 10: 50-60
     guidance_scale: NonNegFloat
     refine_prompts: bool                                 # seed Sec. 12
+    vae_tiling: Literal["auto", "on", "off"]             # tiled VAE decode (auto: above vae_tiling_min_pixels)
+    vae_tiling_min_pixels: NonNegInt
+    vae_tile_size: Annotated[int, Field(ge=32, multiple_of=32)]
+    vae_decode: Literal["auto", "plain", "partitioned"]  # partitioned = the public release's decode
+    offload: Literal["none", "model", "sequential"]      # diffusers' CPU offload (GPU only)
+    dtype: Literal["auto", "float32", "bfloat16"]
 
 
 class Evaluate(Section):
@@ -290,6 +301,7 @@ class Params(Section):
     curate: Curate
     model: Model
     rope: Rope
+    diagnostics: Diagnostics
     objective: Literal["l2", "ultraflux"]                # seed Table 1: "Flux, latent L2" | UltraFlux
     loss: Loss
     vae_train: VaeTrain

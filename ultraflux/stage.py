@@ -29,7 +29,7 @@ from ultraflux.tracking import NullLogger, flatten, stage_run
 STAGE_PARAMS: dict[str, list[str]] = {
     "curate": ["seed", "data", "curate"],
     "vae": ["seed", "model", "vae_train"],
-    "diagnostics": ["model", "rope"],
+    "diagnostics": ["model", "rope", "diagnostics"],
     "dit_stage1": ["seed", "model", "rope", "objective", "loss", "dit_stage1"],
     "dit_stage2": ["seed", "model", "rope", "objective", "loss", "dit_stage2"],
     "sample": ["seed", "model", "rope", "sample", "curate.buckets.scale", "dit_stage2.shift", "refiner"],

@@ -16,9 +16,25 @@ one extra config key ``extra_stride`` (= 2). ``load_vae``/``build_vae`` read con
 directory loads as is; a plain ``AutoencoderKL`` (F8) directory is adapted (F8 weights, F16 geometry). Load F16
 directories through this module: diffusers' plain ``AutoencoderKL.from_pretrained`` would ignore ``extra_stride``.
 
+Official weights. The public release saves its F16 VAE with its own ``AutoencoderKL`` class: config.json says
+``"_class_name": "AutoencoderKL"`` plus the key ``"stride": 2`` (its F16 switch, unknown to diffusers). ``load_vae``
+recognises exactly that pair as the release's format, builds the F16 geometry from ``stride`` (same weights as the F8
+body) and marks the model ``release_format = True``; ``decode_mode="auto"`` then decodes partitioned, as the release's
+pipeline does by default. A VAE saved by this project (``AutoencoderKLF16``, e.g. after the ``vae`` stage post-trained
+the official weights with the plain decode) is not marked and decodes plain under ``auto``.
+
+Decode modes (``set_decode_mode``), both on the upsampled 2x features before ``decoder.conv_out``:
+
+    plain        y = conv3x3(up2(h))                      (zero padding 1 around the image)
+    partitioned  the same conv run on the four quadrants of h, each with a one-pixel halo, to bound the largest
+                 activation at a quarter of the full-resolution feature map (the release's memory saver). Its output is
+                 the plain one moved by one pixel down and right: y_part[i, j] = conv3x3(up2(h))[i - 1, j - 1], row and
+                 column -1 computed over zero padding, i.e. conv2d(up2(h), padding=2)[:2H, :2W].
+
 Tiling: ``enable_tiling(tile_sample_size)`` decodes latents in overlapping tiles of tile_sample_size / 16 latents
 (diffusers' blend with 25% overlap), so peak activation memory is set by the tile, not the image (a 4096x4096 decode
-with 1024 px tiles runs 6x6 decoder calls on 64x64 latents).
+with 1024 px tiles runs 6x6 decoder calls on 64x64 latents). Tiling and the partitioned decode combine: each tile's
+decoder call is partitioned.
 """
 from __future__ import annotations
 
@@ -31,6 +47,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.configuration_utils import register_to_config
 from torch import nn
+
+from ultraflux.models.release import RELEASE_VAE_STRIDE, is_release_vae, quiet_config_keys
 
 FLUX_SCALING_FACTOR = 0.3611
 FLUX_SHIFT_FACTOR = 0.1159
@@ -46,15 +64,44 @@ FLUX_VAE_CONFIG = dict(
 )
 
 
+DECODE_MODES = ("plain", "partitioned")
+
+
+def _halves(n: int) -> list[tuple[int, int]]:
+    return [(0, n // 2), (n // 2, n)]
+
+
 class UpsampleConv2d(nn.Conv2d):
-    """Nearest ``factor``x upsample followed by this convolution; parameters named like the plain ``nn.Conv2d``."""
+    """Nearest ``factor``x upsample followed by this convolution; parameters named like the plain ``nn.Conv2d``.
+
+    ``partitioned = True`` runs it quadrant by quadrant (module docstring: output shifted by one pixel).
+    """
 
     def __init__(self, *args, factor: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
         self.factor = factor
+        self.partitioned = False
+
+    def _up_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
+        return self._partitioned(x) if self.partitioned else self._up_conv(x)
+
+    def _partitioned(self, x: torch.Tensor) -> torch.Tensor:
+        """Output rows/cols [2 r0, 2 r1) need input rows r0 - 1 .. r1 - 1 (row -1 = zeros): one halo row above and
+        left of each quadrant, none below/right. The conv's own zero padding only touches the cropped border."""
+        if self.factor != 2 or self.kernel_size != (3, 3) or self.padding != (1, 1) or self.stride != (1, 1):
+            raise ValueError("partitioned decode needs a 2x upsample and a 3x3 conv with padding 1 (F16 conv_out)")
+        rows = []
+        for r0, r1 in _halves(x.shape[-2]):
+            cols = []
+            for c0, c1 in _halves(x.shape[-1]):
+                part = x[..., max(r0 - 1, 0):r1, max(c0 - 1, 0):c1]
+                part = F.pad(part, (1 if c0 == 0 else 0, 0, 1 if r0 == 0 else 0, 0))   # the image's row/col -1
+                cols.append(self._up_conv(part)[..., 1:-1, 1:-1])
+            rows.append(torch.cat(cols, dim=-1))
+        return torch.cat(rows, dim=-2)
 
 
 class AutoencoderKLF16(AutoencoderKL):
@@ -115,6 +162,28 @@ class AutoencoderKLF16(AutoencoderKL):
             self.set_tile_size(tile_sample_size)
         self.use_tiling = True
 
+    @property
+    def release_format(self) -> bool:
+        """Loaded from the public release's VAE directory (``load_vae``)."""
+        return getattr(self, "_release_format", False)
+
+    @property
+    def decode_mode(self) -> str:
+        return "partitioned" if getattr(self.decoder.conv_out, "partitioned", False) else "plain"
+
+    def set_decode_mode(self, mode: str) -> str:
+        """``plain`` | ``partitioned`` | ``auto`` (partitioned iff ``release_format``); returns the mode set."""
+        if mode == "auto":
+            mode = "partitioned" if self.release_format else "plain"
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode mode must be one of auto, {', '.join(DECODE_MODES)}; got {mode!r}")
+        if not isinstance(self.decoder.conv_out, UpsampleConv2d):
+            if mode == "partitioned":
+                raise ValueError("partitioned decode needs the F16 decoder (extra_stride = 2)")
+            return mode
+        self.decoder.conv_out.partitioned = mode == "partitioned"
+        return mode
+
 
 def spatial_factor(vae) -> int:
     """Pixels per latent along one axis: 2^(len(block_out_channels) - 1) * extra_stride (16 for the F16 VAE)."""
@@ -150,12 +219,21 @@ def _config_dir(path: str | Path) -> Path:
 
 
 def load_vae(path: str | Path) -> AutoencoderKLF16:
-    """Load a local diffusers-format VAE dir: F16 as is, F8 (``AutoencoderKL``) adapted to F16 with its weights."""
+    """Load a local diffusers-format VAE dir: F16 as is, F8 (``AutoencoderKL``) adapted to F16 with its weights,
+    the release's ``stride: 2`` directory as F16 marked ``release_format``."""
     path = _config_dir(path)
     config = json.loads((path / "config.json").read_text())
     if config.get("_class_name") == AutoencoderKLF16.__name__:
         return AutoencoderKLF16.from_pretrained(path)
-    return from_f8(AutoencoderKL.from_pretrained(path))
+    if not is_release_vae(config):
+        return from_f8(AutoencoderKL.from_pretrained(path))
+    if config["stride"] != RELEASE_VAE_STRIDE:
+        raise ValueError(f"{path / 'config.json'}: 'stride' must be {RELEASE_VAE_STRIDE} (the release's F16 VAE), "
+                         f"got {config['stride']!r}")
+    with quiet_config_keys(["stride"]):
+        vae = from_f8(AutoencoderKL.from_pretrained(path))
+    vae._release_format = True
+    return vae
 
 
 def build_vae(model_cfg: dict, seed: int = 0) -> AutoencoderKLF16:
