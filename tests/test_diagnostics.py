@@ -134,7 +134,7 @@ def test_latents_from_curated_reads_shards_and_caps(tmp_path):
 
     from ultraflux.data.shards import ShardWriter
     from ultraflux.models.vae import build_vae
-    from ultraflux.training.cache import encode_latents
+    from ultraflux.models.vae import encode_latents
 
     rows = []
     with ShardWriter(tmp_path / "shards", "train", tmp_path, max_count=3) as writer:

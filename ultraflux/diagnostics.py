@@ -147,7 +147,7 @@ def latents_from_curated(vae, curated_dir: str | Path, rows: list[Mapping], max_
                          progress: bool = True) -> Iterator[torch.Tensor]:
     """Normalised latents of up to ``max_latents`` curated images (evenly spaced over ``rows``), one at a time."""
     from ultraflux.data.shards import load_image_tensor
-    from ultraflux.training.cache import encode_latents
+    from ultraflux.models.vae import encode_latents
 
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype

@@ -251,3 +251,10 @@ def build_vae(model_cfg: dict, seed: int = 0) -> AutoencoderKLF16:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKLF16(**cfg)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalized latents (Flux convention, what the DiT sees): (mode(E(x)) - shift) * scale."""
+    z = vae.encode(pixels).latent_dist.mode()
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
