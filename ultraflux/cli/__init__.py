@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in SUBCOMMANDS:
         ap.error(f"unknown command {argv[0]!r}")
     module, func, _ = SUBCOMMANDS[argv[0]]
+    from ultraflux.quiet import quiet_third_party
+
+    quiet_third_party()
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
 
 
