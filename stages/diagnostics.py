@@ -11,12 +11,14 @@ def main(params, logger):
 
     from ultraflux.diagnostics import run_diagnostics
     from ultraflux.models.vae import build_vae
-    from ultraflux.training.cache import encode_latents, load_image_tensor
+    from ultraflux.data.shards import load_image_tensor
+    from ultraflux.training.cache import encode_latents
 
     manifest = pd.read_parquet("outputs/curated/manifest.parquet")
     vae = build_vae({**params["model"], "vae_pretrained": "outputs/vae/vae"}).eval()
     kept = manifest[manifest["kept"]]
-    latents = [encode_latents(vae, load_image_tensor(Path("outputs/curated") / p)[None])[0] for p in kept["image"]]
+    latents = [encode_latents(vae, load_image_tensor("outputs/curated", row)[None])[0]
+               for row in kept.to_dict("records")]
     metrics = run_diagnostics(params, latents, OUT)
     logger.log_artifact(OUT, "diagnostics")
     return metrics

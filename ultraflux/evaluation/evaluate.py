@@ -13,8 +13,8 @@ from ultraflux.evaluation.metrics import generation_metrics, not_computed
 def vae_table(params: dict, curated_dir: Path, vae_dir: Path) -> dict:
     """Reconstruction of the held-out curated images at their bucket size (Table 2 columns)."""
     from ultraflux.models.vae import build_vae
-    from ultraflux.training.cache import load_image_tensor
-    from ultraflux.training.vae import reconstruction_metrics
+    from ultraflux.data.shards import load_image_tensor
+    from ultraflux.evaluation.reconstruction import reconstruction_metrics
 
     manifest = pd.read_parquet(curated_dir / "manifest.parquet")
     rows = manifest[manifest["kept"] & (manifest["split"] == "holdout")]
@@ -23,7 +23,7 @@ def vae_table(params: dict, curated_dir: Path, vae_dir: Path) -> dict:
     else:
         split = "holdout"
     vae = build_vae({**params["model"], "vae_pretrained": str(vae_dir)}).eval()
-    table = reconstruction_metrics(vae, [load_image_tensor(curated_dir / p) for p in rows["image"]])
+    table = reconstruction_metrics(vae, (load_image_tensor(curated_dir, row) for row in rows.to_dict("records")))
     return {**table, "rfid": not_computed("rfid"), "lpips": not_computed("lpips"), "split": split,
             "num_images": int(len(rows))}
 
