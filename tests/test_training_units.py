@@ -116,3 +116,31 @@ def test_dit_params_refused_before_any_work(key, value, match, tmp_path):
     p[section][name] = value
     with pytest.raises(ValueError, match=match):   # raised before the manifest (which does not exist) is read
         train_dit(p, "dit_stage1", tmp_path / "none", tmp_path / "none", tmp_path, tmp_path, tmp_path)
+
+
+def test_zero2_rank_emulation_holds_one_partition(monkeypatch):
+    """bench_training.py --full's one-rank ZeRO-2 layout, on the CPU: what it keeps is what the accounting counts."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_training import Zero2Rank
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(8)]).to(torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    opt = Zero2Rank(model, world=4, lr=1e-2)
+    owned = sum(p.numel() for p in opt.owned)
+    assert total / 4 <= owned < total / 4 + max(p.numel() for p in params)     # 1/N, up to tensor boundaries
+    model(torch.randn(4, 32, dtype=torch.bfloat16)).square().mean().backward()
+    owned_ids = {id(p) for p in opt.owned}
+    assert all((p.grad is not None) == (id(p) in owned_ids) for p in params)   # others' gradients dropped
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.opt.state.values() for t in s.values()
+                      if torch.is_tensor(t) and t.dim() > 0)
+    master_bytes = sum(m.numel() * m.element_size() for m in opt.master)
+    assert (master_bytes, state_bytes) == (4 * owned, 8 * owned)             # fp32 master + m, v for 1/N only
+    m = zero2_memory(owned * 4, 4)
+    assert master_bytes + state_bytes == m["master_fp32_partition"] + m["adam_moments_fp32_partition"]
+    changed = [not torch.equal(p, b) for p, b in zip(params, before)]
+    assert changed == [id(p) in owned_ids for p in params]                   # only the owned partition is updated
+    assert all(p.grad is None for p in params)
