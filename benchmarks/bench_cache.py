@@ -15,6 +15,7 @@ sample is read once through the DataLoader), so a reader that kept what it read 
                 workers share with the parent, so the sum does not count them twice)
 
 and the parent prints them side by side with the cache's size on disk (what the old design held in RAM, in fp32).
+Children run with OMP_NUM_THREADS=1 (memory is measured, not speed; a shared CPU makes thread pools crawl).
 
     python benchmarks/bench_cache.py [--n 200] [--factor 10] [--size 512]
 """
@@ -91,7 +92,8 @@ def child(job: dict) -> None:
 
 def run_child(job: dict, path: Path) -> dict:
     path.write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    # one thread per process: memory is what is measured, and on a shared CPU torch's thread pool only adds contention
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, __file__, "--child", str(path)], env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])

@@ -17,7 +17,7 @@ from training_fixtures import make_curated, save_vae, tiny_params
 from ultraflux.training.checkpoint import Checkpointer, TrainState
 
 WORKER = ROOT / "tests" / "dit_worker.py"
-ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # 2 runs side by side
 
 
 @pytest.fixture(scope="module")

@@ -171,3 +171,11 @@ def test_train_vae_sigkill_then_rerun_gives_identical_weights(base, curated, tmp
     a, b = pd.read_csv(tmp_path / "ref/out/loss.csv"), pd.read_csv(tmp_path / "victim/out/loss.csv")
     assert list(a["step"]) == list(range(1, 7))            # the loss history survives the kill (timing aside)
     assert a.drop(columns="images_per_s").equals(b.drop(columns="images_per_s"))
+
+
+@pytest.mark.parametrize("key, value", [("num_workers", -1), ("eval_images", "all"), ("num_workers", True)])
+def test_vae_params_refused_before_any_work(base, tmp_path, key, value):
+    p = copy.deepcopy(base)
+    p["vae_train"][key] = value
+    with pytest.raises(ValueError, match=f"vae_train.{key}"):    # before the (missing) manifest is read
+        tv.train_vae(p, tmp_path / "none", tmp_path / "out", progress=False)

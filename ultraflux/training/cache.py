@@ -28,6 +28,7 @@ grow with the dataset. Training wraps it in a ``torch.utils.data.DataLoader`` wi
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,15 +120,6 @@ def _text(value) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _source(curated_dir: Path, row: dict) -> tuple[Path, int, int]:
-    """(file, offset, nbytes) holding ``row``'s encoded image: a tar shard member, or a loose file (older layout)."""
-    if _text(row.get("shard")):
-        return curated_dir / row["shard"], int(row["offset"]), int(row["nbytes"])
-    if _text(row.get("image")):
-        return curated_dir / row["image"], 0, -1
-    raise ValueError(f"manifest row {row.get('id')!r} names no image (no 'shard' nor 'image')")
-
-
 def file_digest(path: Path, memo_dir: Path) -> str:
     """sha256 of ``path``, memoised by (resolved path, size, mtime): unchanged files are not read again."""
     st = path.stat()
@@ -140,18 +132,33 @@ def file_digest(path: Path, memo_dir: Path) -> str:
     return digest
 
 
+def _column(rows: pd.DataFrame, name: str, default=None) -> list:
+    return rows[name].tolist() if name in rows.columns else [default] * len(rows)
+
+
 def sample_keys(rows: pd.DataFrame, curated_dir: Path, version: str, memo_dir: Path, rank: int = 0, world: int = 1,
                 barrier=lambda: None) -> list[str]:
-    """One key per row: sha256(content | caption | version). The file hashing is split over the processes."""
-    sources = [_source(curated_dir, r) for r in rows[[c for c in ("id", "shard", "offset", "nbytes", "image")
-                                                      if c in rows.columns]].to_dict("records")]
-    files = sorted({f for f, _, _ in sources})
-    for f in files[rank::world]:
-        file_digest(f, memo_dir)
+    """One key per row: sha256(content | caption | version). The file hashing is split over the processes.
+
+    A row's content is (sha256 of its tar shard, member offset, length), or the sha256 of its loose file (older
+    layout, ``image`` column). Column-wise: no per-row dict of the manifest is built.
+    """
+    shards, images = _column(rows, "shard"), _column(rows, "image")
+    files = []
+    for shard, image, row_id in zip(shards, images, _column(rows, "id")):
+        name = shard if _text(shard) else image if _text(image) else None
+        if name is None:
+            raise ValueError(f"manifest row {row_id!r} names no image (neither 'shard' nor 'image')")
+        files.append(name)
+    unique = sorted(set(files))
+    for name in unique[rank::world]:
+        file_digest(curated_dir / name, memo_dir)
     barrier()
-    digests = {f: file_digest(f, memo_dir) for f in files}
-    return [hashlib.sha256(f"{digests[f]}:{off}:{n}|{_text(caption)}|{version}".encode()).hexdigest()[:32]
-            for (f, off, n), caption in zip(sources, rows["caption"])]
+    digests = {name: file_digest(curated_dir / name, memo_dir) for name in unique}
+    return [hashlib.sha256(f"{digests[f]}:{off if _text(sh) else 0}:{n if _text(sh) else -1}|{_text(caption)}|"
+                           f"{version}".encode()).hexdigest()[:32]
+            for f, sh, off, n, caption in zip(files, shards, _column(rows, "offset", 0), _column(rows, "nbytes", -1),
+                                               _column(rows, "caption", ""))]
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -218,10 +225,12 @@ class _ImageRows(Dataset):
 
 def _encode_share(share: list[dict], curated_dir: Path, enc: Encoders, writer: ShardWriter, failed_dir: Path,
                   batch_size: int, num_workers: int, progress: bool) -> tuple[int, int]:
-    """Encode this process's rows (each with ``_key``) in batches of one bucket; returns (encoded, failed)."""
-    batches, start = [], 0
-    for _, group in pd.Series(range(len(share)), index=[r["bucket"] for r in share]).groupby(level=0, sort=True):
-        positions = group.tolist()
+    """Encode this process's rows (each with ``_key``, sorted by bucket) in batches of one bucket.
+
+    Returns (encoded, failed)."""
+    batches = []
+    for _, group in itertools.groupby(range(len(share)), key=lambda i: share[i]["bucket"]):
+        positions = list(group)
         batches += [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
     loader = DataLoader(_ImageRows(share, curated_dir), batch_sampler=batches, num_workers=num_workers,
                         collate_fn=list)
@@ -266,7 +275,7 @@ class LatentCache:
         number = {n: i for i, n in enumerate(names)}
         return LatentDataset([str(self.root / n) for n in names],
                              np.array([number[self.index[k]] for k in keys], dtype=np.int32),
-                             np.array(keys, dtype="U32"))
+                             np.array(keys, dtype="S32"))
 
 
 def build_cache(rows: pd.DataFrame, curated_dir: Path, enc: Encoders, cache_dir: Path, batch_size: int = 4,
@@ -285,20 +294,18 @@ def build_cache(rows: pd.DataFrame, curated_dir: Path, enc: Encoders, cache_dir:
     root.mkdir(parents=True, exist_ok=True)
     keys = sample_keys(rows, curated_dir, enc.version, cache_dir / "content", rank, world, state.wait_for_everyone)
     index = scan(root)
-    wanted = {}
-    for key, row in zip(keys, rows.to_dict("records")):
-        if key not in index:
-            wanted.setdefault(key, {**row, "_key": key})
-    missing = sorted(wanted.values(), key=lambda r: (r["bucket"], r["_key"]))
-    share = missing[rank::world]
+    frame = rows.assign(_key=keys)
+    missing = (frame[~frame["_key"].isin(list(index))].drop_duplicates("_key")
+               .sort_values(["bucket", "_key"], kind="stable"))
+    columns = [c for c in ("id", "caption", "bucket", "shard", "offset", "nbytes", "image", "_key") if c in frame]
+    share = missing.iloc[rank::world][columns].to_dict("records")     # only this process's rows become dicts
     writer = ShardWriter(root, shard_size, rank, world)
     encoded, failed = _encode_share(share, curated_dir, enc, writer, root / "failed", batch_size, num_workers,
                                     progress and state.is_main_process) if share else (0, 0)
     state.wait_for_everyone()
     index = scan(root)
     failures, lost = {}, []
-    for row in missing:
-        key = row["_key"]
+    for key in missing["_key"]:
         if key in index:
             continue
         note = root / "failed" / f"{key}.json"
@@ -309,7 +316,7 @@ def build_cache(rows: pd.DataFrame, curated_dir: Path, enc: Encoders, cache_dir:
     if lost:
         raise RuntimeError(f"latent cache {root}: {len(lost)} samples encoded by other processes are not visible to "
                            f"process {rank}; latent_cache.dir must be on a filesystem shared by all processes")
-    stats = {"cache_encoded": encoded, "cache_failed": failed, "cache_reused": len(set(keys)) - len(missing),
+    stats = {"cache_encoded": encoded, "cache_failed": failed, "cache_reused": frame["_key"].nunique() - len(missing),
              "cache_shards_written": len(writer.written)}
     return LatentCache(root, keys, index, failures, stats)
 
@@ -318,7 +325,8 @@ def build_cache(rows: pd.DataFrame, curated_dir: Path, enc: Encoders, cache_dir:
 class LatentDataset(Dataset):
     """Cached samples in a fixed order: item i = {latents, prompt_embeds, pooled, index} read lazily from its shard.
 
-    Holds two small arrays (shard number and key per sample) and at most ``MAX_OPEN_SHARDS`` open shard files per
+    Holds two compact arrays (int32 shard number and 32-byte key per sample: ~36 bytes a sample, shared with forked
+    DataLoader workers without copies) and at most ``MAX_OPEN_SHARDS`` open shard files per
     process (DataLoader workers open their own; handles are never pickled).
     """
 
@@ -328,6 +336,9 @@ class LatentDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def key(self, i: int) -> str:
+        return self.keys[i].decode()
 
     def _handle(self, shard: int):
         from safetensors import safe_open
@@ -341,7 +352,7 @@ class LatentDataset(Dataset):
         return self._open[shard]
 
     def __getitem__(self, i: int) -> dict:
-        f, key = self._handle(int(self.shard_of[i])), str(self.keys[i])
+        f, key = self._handle(int(self.shard_of[i])), self.key(i)
         return {**{name: f.get_tensor(f"{key}.{name}") for name in FIELDS}, "index": int(i)}
 
     def __getstate__(self) -> dict:

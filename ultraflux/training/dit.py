@@ -51,7 +51,7 @@ def _positive_int(section: dict, name: str, key: str, minimum: int = 1) -> None:
 def check_params(params: dict, stage: str) -> None:
     """The keys this module adds (latent_cache, validation, <stage>.gradient_checkpointing / val_every), before work."""
     cfg = params[stage]
-    gradient_checkpointing(cfg.get("gradient_checkpointing", "auto"), f"{stage}.gradient_checkpointing")
+    gradient_checkpointing(cfg.get("gradient_checkpointing"), f"{stage}.gradient_checkpointing")
     _positive_int(cfg, "val_every", f"{stage}.val_every")
     cache, val = params.get("latent_cache"), params.get("validation")
     if not isinstance(cache, dict) or not isinstance(val, dict):

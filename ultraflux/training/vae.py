@@ -226,14 +226,18 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     from ultraflux.models.vae import build_vae
 
     cfg, seed = params["vae_train"], params["seed"]
+    for name in ("num_workers", "eval_images"):   # the keys this module added; checked before any work
+        v = cfg.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"params: 'vae_train.{name}' must be an integer >= 0 (got {v!r})")
     adversarial = bool(cfg.get("adversarial", False))
     lam_adv, adv_start = float(cfg.get("lambda_adv", 0.05)), int(cfg.get("adv_start", 0))
     lpips_weights = cfg.get("lpips_weights", "") or ""
-    size, accum, workers = int(cfg["resolution"]), int(cfg["grad_accum"]), int(cfg.get("num_workers", 0))
+    size, accum, workers = int(cfg["resolution"]), int(cfg["grad_accum"]), cfg["num_workers"]
     torch.manual_seed(seed)
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
     manifest = pd.read_parquet(curated_dir / "manifest.parquet")
-    train_rows, holdout_rows = select_vae_rows(manifest, cfg["flat_top_fraction"], cfg.get("eval_images", 16))
+    train_rows, holdout_rows = select_vae_rows(manifest, cfg["flat_top_fraction"], cfg["eval_images"])
     if train_rows.empty:
         raise ValueError(f"vae: no kept training images in {curated_dir}/manifest.parquet")
     for col in ("width", "height"):

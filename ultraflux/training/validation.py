@@ -59,7 +59,7 @@ def validation_sums(model, dataset, seed: int, objective: str, loss_cfg: dict, d
         item = dataset[i]
         x0 = item["latents"].float()[None].to(device)
         for k, s in enumerate(VAL_SIGMAS):
-            noise = fixed_noise(seed, str(dataset.keys[i]), k, x0.shape[1:])[None].to(device)
+            noise = fixed_noise(seed, dataset.key(i), k, x0.shape[1:])[None].to(device)
             sigma = torch.full((1,), s, device=device)
             v = predict_velocity(model, (1 - s) * x0 + s * noise, sigma, item["prompt_embeds"][None],
                                  item["pooled"][None], dtype)
