@@ -59,7 +59,7 @@ def tiny(reps: int, aspect: str) -> dict:
 
     from ultraflux.config import load_params
     from ultraflux.data.buckets import bucket_table
-    from ultraflux.data.shards import SHARD_DIR, ShardWriter, load_image_tensor
+    from ultraflux.data.shards import SHARD_DIR, ShardWriter, load_image_array
     from ultraflux.losses import dit_loss
     from ultraflux.models.transformer import build_transformer
     from ultraflux.models.vae import build_vae
@@ -109,7 +109,7 @@ def tiny(reps: int, aspect: str) -> dict:
     def on_the_fly():
         row = rows.iloc[k["i"] % 4].to_dict()
         k["i"] += 1
-        x0 = enc.encode_images(load_image_tensor(tmp, row)[None]).float()
+        x0 = enc.encode_images(torch.from_numpy(load_image_array(tmp, row)).permute(2, 0, 1)[None]).float()
         prompt_embeds, pooled = enc.encode_prompts([row["caption"]])
         step(x0, prompt_embeds, pooled, "ultraflux")
 

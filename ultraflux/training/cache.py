@@ -84,8 +84,9 @@ class Encoders:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae_dtype = next(self.vae.parameters()).dtype
-        return encode_latents(self.vae, pixels.to(self.device, vae_dtype)).to("cpu", self.store_dtype)
+        """Latents of uint8 RGB images [B, 3, H, W] (0..255, scaled to [-1, 1] as ``shards.load_image_tensor``)."""
+        x = pixels.to(self.device).float() / 127.5 - 1.0
+        return encode_latents(self.vae, x.to(next(self.vae.parameters()).dtype)).to("cpu", self.store_dtype)
 
 
 def load_encoders(params: dict, vae_dir: str | Path, device: torch.device, store: str = "bf16") -> Encoders:
@@ -206,7 +207,8 @@ class ShardWriter:
 
 
 class _ImageRows(Dataset):
-    """Curated images of ``rows`` as [3, H, W] tensors in [-1, 1]; an unreadable one yields its error instead."""
+    """Curated images of ``rows`` as uint8 [3, H, W] tensors (a quarter of float32's bytes between processes; the
+    encoder's device scales them); an unreadable image yields its error instead."""
 
     def __init__(self, rows: list[dict], curated_dir: Path):
         self.rows, self.curated_dir = rows, curated_dir
@@ -215,10 +217,10 @@ class _ImageRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from ultraflux.data.shards import load_image_tensor
+        from ultraflux.data.shards import load_image_array
 
         try:
-            return i, load_image_tensor(self.curated_dir, self.rows[i]), ""
+            return i, torch.from_numpy(load_image_array(self.curated_dir, self.rows[i]).copy()).permute(2, 0, 1), ""
         except Exception as e:  # one corrupt image never kills the run: it is skipped with its reason
             return i, None, f"{type(e).__name__}: {e}"
 
@@ -299,6 +301,7 @@ def build_cache(rows: pd.DataFrame, curated_dir: Path, enc: Encoders, cache_dir:
                .sort_values(["bucket", "_key"], kind="stable"))
     columns = [c for c in ("id", "caption", "bucket", "shard", "offset", "nbytes", "image", "_key") if c in frame]
     share = missing.iloc[rank::world][columns].to_dict("records")     # only this process's rows become dicts
+    state.wait_for_everyone()   # every process has its snapshot of the index before any writes a shard
     writer = ShardWriter(root, shard_size, rank, world)
     encoded, failed = _encode_share(share, curated_dir, enc, writer, root / "failed", batch_size, num_workers,
                                     progress and state.is_main_process) if share else (0, 0)
