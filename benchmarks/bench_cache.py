@@ -102,7 +102,7 @@ def run_child(job: dict, path: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=200, help="training images of the small set (the large one has n x factor)")
+    ap.add_argument("--n", type=int, default=200, help="training images of the small set (the large: n x factor)")
     ap.add_argument("--factor", type=int, default=10)
     ap.add_argument("--size", type=int, default=512, help="image side in px (multiple of 32)")
     ap.add_argument("--batch", type=int, default=4)

@@ -109,7 +109,7 @@ def tiny(reps: int, aspect: str) -> dict:
     def on_the_fly():
         row = rows.iloc[k["i"] % 4].to_dict()
         k["i"] += 1
-        x0 = enc.encode_images(torch.from_numpy(load_image_array(tmp, row)).permute(2, 0, 1)[None]).float()
+        x0 = enc.encode_images(torch.from_numpy(load_image_array(tmp, row).copy()).permute(2, 0, 1)[None]).float()
         prompt_embeds, pooled = enc.encode_prompts([row["caption"]])
         step(x0, prompt_embeds, pooled, "ultraflux")
 
@@ -315,7 +315,8 @@ def full(args) -> None:
     print(f"full profile on {name}: {total_params / 1e9:.2f}B params ({matmul_params / 1e9:.2f}B in matmuls), "
           f"{cfg['num_layers']}+{cfg['num_single_layers']} blocks, {args.pixels}x{args.pixels} px, batch {b}, "
           f"S = {seq} tokens, bf16, gradient checkpointing {'off' if args.no_checkpointing else 'on'}, SDPA, "
-          f"optimizer {args.optimizer}" + (f" (one rank of N = {args.zero_world})" if args.optimizer == "zero2" else ""))
+          f"optimizer {args.optimizer}" + (f" (one rank of N = {args.zero_world})" if args.optimizer == "zero2"
+                                           else ""))
     print(f"  seconds/step (median of {args.reps}): {sec:.3f}")
     if cuda:
         measured["peak"] = torch.cuda.max_memory_allocated()

@@ -21,7 +21,7 @@ CHECKPOINTING_CHOICES = ("auto", True, False)
 
 
 def gradient_checkpointing(value, key: str = "gradient_checkpointing") -> bool:
-    """``auto`` -> on when CUDA is present (activations dominate at 4K; on the CPU profile they do not); else the bool."""
+    """``auto`` -> on when CUDA is present (activations dominate at 4K, not on the CPU profile); else the bool."""
     import torch
 
     if value == "auto":

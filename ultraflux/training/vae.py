@@ -69,7 +69,7 @@ def select_vae_rows(manifest: pd.DataFrame, top_fraction: float, eval_images: in
 
 
 def _seed(*parts) -> int:
-    """A 32-bit generator seed hashed from ``parts`` (torch's CPU generator keeps 32 bits; Python's ``hash`` is salted)."""
+    """A generator seed hashed from ``parts`` (torch's CPU generator keeps 32 bits; Python's ``hash`` is salted)."""
     return int(sha256_json(["vae-crops", *parts])[:8], 16)
 
 
