@@ -17,9 +17,10 @@ def main(stage):
         out = Path("outputs") / stage
         out.mkdir(parents=True, exist_ok=True)
         metrics = train_dit(params, stage, Path("outputs/curated"), Path("outputs/vae/vae"), out,
-                            Path("checkpoints") / stage, repo_root() / ".cache" / "latents",
+                            Path("checkpoints") / stage, repo_root() / params["latent_cache"]["dir"],
                             init_transformer=init, logger=logger)
         logger.log_artifact(out / "loss.csv")
+        logger.log_artifact(out / "val_loss.csv")
         return metrics
     return fn
 

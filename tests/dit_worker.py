@@ -1,26 +1,58 @@
-"""Runs ``train_dit`` from a job file; tests launch it as a subprocess (plain python or ``accelerate launch``).
+"""Runs ``train_dit`` (or ``train_vae``) from a job file; tests launch it as a subprocess (python or accelerate launch).
 
 usage: python tests/dit_worker.py JOB.json
 JOB keys: params (dict), stage, curated, vae, out, ckpt, cache, init (or null), record (dir or null: each rank writes
-record/rank-<r>.json with the image indices of every micro-batch and record/weights-<r>.pt with its final weights), sleep (seconds per micro-batch, to give a test
-time to kill the run mid-way; it does not change any number), log (path: logged metrics as JSON lines).
+record/rank-<r>.json with the image indices of every micro-batch and its result dict, and record/weights-<r>.pt with
+its final weights), sleep (seconds per micro-batch / VAE step, to give a test time to kill the run mid-way; it
+changes no number), log (path: logged metrics and images as JSON lines), kind ("dit", default, or "vae").
 """
 import json
 import sys
 import time
 from pathlib import Path
 
-from ultraflux.training.dit import train_dit
+
+class JsonLinesLogger:
+    """The StageLogger interface the trainers use (MLflow in stages): metrics and image keys as JSON lines."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def _write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_metrics(self, metrics, step=None):
+        self._write({"step": step, **metrics})
+
+    def log_image(self, image, key, step=0):
+        self._write({"step": step, "image": key, "size": list(image.size)})
+
+    def set_tags(self, tags):
+        pass
 
 
 def main(job_path):
     job = json.loads(Path(job_path).read_text())
+    logger = JsonLinesLogger(job["log"]) if job.get("log") else None
+    if job.get("kind") == "vae":
+        from ultraflux.training.vae import train_vae
+
+        def on_step(step):
+            if job.get("sleep"):
+                time.sleep(job["sleep"])
+
+        train_vae(job["params"], Path(job["curated"]), Path(job["out"]), logger=logger, progress=False,
+                  ckpt_dir=Path(job["ckpt"]), on_step=on_step)
+        return
     if job.get("no_shm_op"):
         # DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce kernel (~1 min, needs g++) the first time
         # it initialises; tests skip it so collectives go through the gloo process group (the same ZeRO-2 code path).
         import deepspeed.comm.torch as ds_comm_torch
 
         ds_comm_torch.build_shm_op = lambda: None
+    from ultraflux.training.dit import train_dit
+
     seen = []
 
     def on_batch(step, micro, rank, indices):
@@ -36,14 +68,9 @@ def main(job_path):
             out.mkdir(parents=True, exist_ok=True)
             torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out / f"weights-{rank}.pt")
 
-    class JsonLinesLogger:   # the StageLogger interface train_dit uses (MLflow in stages)
-        def log_metrics(self, metrics, step=None):
-            with open(job["log"], "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-
     metrics = train_dit(job["params"], job["stage"], Path(job["curated"]), Path(job["vae"]), Path(job["out"]),
                         Path(job["ckpt"]), Path(job["cache"]), init_transformer=job.get("init"), progress=False,
-                        on_batch=on_batch, on_end=on_end, logger=JsonLinesLogger() if job.get("log") else None)
+                        on_batch=on_batch, on_end=on_end, logger=logger)
     if job.get("record"):
         rank = seen[0]["rank"] if seen else 0
         out = Path(job["record"])

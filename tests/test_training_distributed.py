@@ -1,8 +1,10 @@
 """The real DeepSpeed ZeRO-2 path with two CPU processes (``accelerate launch`` of tests/dit_worker.py, gloo).
 
-Checks: each rank trains on its own shard (disjoint image indices, one bucket per step, equal counts), both ranks
-end with identical weights, the loss curve matches a one-process run with the same global batches (batch_size x
-processes x grad_accum), and a ZeRO-2 checkpoint (per-rank optimizer shards) resumes to the same final weights.
+Checks: the latent cache is built by both ranks, each encoding its own share of the images; each rank trains on its
+own shard (disjoint image indices, one bucket per step, equal counts) read through its DataLoader, both ranks end
+with identical weights, the loss and validation curves match a one-process run with the same global batches
+(batch_size x processes x grad_accum), and a ZeRO-2 checkpoint (per-rank optimizer shards) resumes to the same
+final weights.
 """
 import json
 import shutil
@@ -12,6 +14,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
 
 from conftest import ROOT
 from test_training_resume import ENV, WORKER, job, tiny_set  # noqa: F401  (fixture)
@@ -34,19 +37,37 @@ def launch(job_path, nproc=2, timeout=400):
 def test_deepspeed_zero2_two_cpu_processes(tiny_set):
     base, d = tiny_set
     lr = base["dit_stage1"]["lr"]
-    two = dict(steps=STEPS, batch_size=1, grad_accum=ACCUM, checkpoint_every=2, keep_checkpoints=2)
-    # The 1-process reference (batch 2 = 1 x 2 processes, same grad_accum) runs beside the 2-process launch.
+    two = dict(steps=STEPS, batch_size=1, grad_accum=ACCUM, checkpoint_every=2, keep_checkpoints=2, val_every=2)
+    base = {**base, "latent_cache": {**base["latent_cache"], "shard_size": 3, "encode_batch_size": 2}}
+    # The 1-process reference (batch 2 = 1 x 2 processes, same grad_accum) runs beside the 2-process launch, each
+    # with its own, empty latent cache.
     one = subprocess.Popen([sys.executable, str(WORKER), str(job(d, "single", tiny_params(base, **{**two, "batch_size": 2}),
-                                                                  record=str(d / "single" / "rec")))],
+                                                                  record=str(d / "single" / "rec"),
+                                                                  cache=str(d / "single" / "cache")))],
                            env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    launch(job(d, "zero2", tiny_params(base, **two), record=str(d / "zero2" / "rec"), no_shm_op=True))
+    launch(job(d, "zero2", tiny_params(base, **two), record=str(d / "zero2" / "rec"), no_shm_op=True,
+               cache=str(d / "zero2" / "cache")))
     out, _ = one.communicate(timeout=300)
     assert one.returncode == 0, out[-3000:]
 
     recs = [json.loads((d / "zero2" / "rec" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((d / "single" / "rec" / "rank-0.json").read_text())
     assert [r["metrics"]["num_processes"] for r in recs] == [2, 2], "accelerate did not start 2 processes"
-    buckets = pd.read_parquet(d / "curated" / "manifest.parquet").query("kept and split == 'train'")["bucket"].tolist()
+    manifest = pd.read_parquet(d / "curated" / "manifest.parquet")
+    buckets = manifest.query("kept and split == 'train'")["bucket"].tolist()
+    n_cached = len(buckets) + int((manifest["kept"] & (manifest["split"] == "holdout")).sum())   # train + validation
+
+    # The cache was built by both ranks, each encoding its own share (round-robin over the missing samples).
+    encoded = [r["metrics"]["_timing"]["cache_encoded"] for r in recs]
+    print("samples encoded per rank:", encoded)
+    assert sum(encoded) == n_cached and abs(encoded[0] - encoded[1]) <= 1
+    by_rank = {0: set(), 1: set()}
+    for shard in (d / "zero2" / "cache").glob("*/*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            assert f.metadata()["world"] == "2"
+            by_rank[int(f.metadata()["rank"])] |= {k.split(".")[0] for k in f.keys()}
+    assert [len(by_rank[r]) for r in (0, 1)] == encoded and not by_rank[0] & by_rank[1]
+    assert single["metrics"]["_timing"]["cache_encoded"] == n_cached
     assert len(recs[0]["batches"]) == len(recs[1]["batches"]) == STEPS * ACCUM      # equal batch counts per rank
     for b0, b1, ref in zip(recs[0]["batches"], recs[1]["batches"], single["batches"]):
         assert (b0["step"], b0["micro"]) == (b1["step"], b1["micro"]) == (ref["step"], ref["micro"])
@@ -68,10 +89,15 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_set):
     # summation order (gradient all-reduce over 2 ranks vs a batch-of-2 mean, ZeRO's flat buckets), ~1e-7 relative
     # per step, so the loss curves agree to 1e-4 relative; Adam (update ~ lr * m / sqrt(v), scale-free) keeps the
     # weight difference far below one lr-sized update.
+    # Both caches hold the same bf16 latents up to the encoder's batch composition (1 vs 2 images per VAE call).
     l2, l1 = pd.read_csv(d / "zero2/out/loss.csv")["loss"], pd.read_csv(d / "single/out/loss.csv")["loss"]
     print("loss zero2:", list(l2), "single:", list(l1))
     assert len(l2) == len(l1) == STEPS
     assert ((l2 - l1).abs() <= 1e-4 * l1.abs() + 1e-7).all(), (list(l2), list(l1))
+    v2, v1 = pd.read_csv(d / "zero2/out/val_loss.csv"), pd.read_csv(d / "single/out/val_loss.csv")
+    print("val_loss zero2:", list(v2["val_loss"]), "single:", list(v1["val_loss"]))
+    assert list(v2["step"]) == list(v1["step"]) == [0, 2, 4]           # images split over the ranks, sums reduced
+    assert ((v2["val_loss"] - v1["val_loss"]).abs() <= 1e-4 * v1["val_loss"]).all()
     ws = torch.load(d / "single" / "rec" / "weights-0.pt")
     max_diff = max(float((ws[k] - w0[k]).abs().max()) for k in ws)
     print("max |w_zero2 - w_single|:", max_diff, "lr:", lr)
@@ -83,8 +109,12 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_set):
     ck = d / "zero2" / "ckpt"
     shutil.rmtree(ck / f"step-{STEPS:08d}")
     shutil.rmtree(d / "zero2" / "out" / "transformer")
-    out = launch(job(d, "zero2", tiny_params(base, **two), no_shm_op=True))
+    out = launch(job(d, "zero2", tiny_params(base, **two), no_shm_op=True, cache=str(d / "zero2" / "cache"),
+                     record=str(d / "zero2" / "rec2")))
     assert "resumed from" in out and "at step 2" in out
     again = load_file(d / "zero2" / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(again[k], first[k]) for k in first)
+    assert [json.loads((d / "zero2" / "rec2" / f"rank-{r}.json").read_text())["metrics"]["_timing"]["cache_encoded"]
+            for r in (0, 1)] == [0, 0]                                  # the resumed run reuses the cache
+    assert pd.read_csv(d / "zero2/out/val_loss.csv").equals(v2)
 

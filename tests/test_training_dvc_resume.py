@@ -45,7 +45,10 @@ def test_dvc_repro_resumes_after_sigkill(tmp_path):
     # (a) SIGKILL the training process only.
     p = start()
     wait_for(lambda: bool(steps()), p)
-    [child] = [c for c in psutil.Process(p.pid).children(recursive=True) if "stages/dit.py" in " ".join(c.cmdline())]
+    def is_stage(c):
+        return "stages/dit.py" in " ".join(c.cmdline())
+    # the stage process, not its DataLoader workers (forks with the same command line)
+    [child] = [c for c in psutil.Process(p.pid).children(recursive=True) if is_stage(c) and not is_stage(c.parent())]
     child.send_signal(signal.SIGKILL)
     p.communicate()
     assert p.returncode != 0

@@ -1,5 +1,6 @@
 """Checkpoint / resume of the DiT trainer, for real: a training subprocess is SIGKILLed after a checkpoint appeared,
-re-run, and must end with the same bytes (weights and loss curve) as an uninterrupted run (CPU, fp32)."""
+re-run, and must end with the same bytes (weights, loss curve, validation curve) as an uninterrupted run (CPU, fp32;
+latents streamed from the bf16 cache through DataLoader workers, which prefetch past the checkpoint)."""
 import json
 import os
 import signal
@@ -13,10 +14,10 @@ import pytest
 
 from conftest import ROOT
 from training_fixtures import make_curated, save_vae, tiny_params
-from ultraflux.training.checkpoint import Checkpointer, PlainCheckpointer
+from ultraflux.training.checkpoint import Checkpointer, TrainState
 
 WORKER = ROOT / "tests" / "dit_worker.py"
-ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # 2 runs side by side
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def published(ckpt: Path) -> list[int]:
 
 def test_sigkill_mid_training_then_rerun_gives_identical_weights(tiny_set):
     base, d = tiny_set
-    params = tiny_params(base, steps=12, batch_size=1, grad_accum=2, checkpoint_every=3, keep_checkpoints=2)
+    params = tiny_params(base, steps=12, batch_size=1, grad_accum=2, checkpoint_every=3, keep_checkpoints=2,
+                         val_every=4)
     ref = subprocess.Popen([sys.executable, str(WORKER), str(job(d, "ref", params, log=str(d / "ref.jsonl")))], env=ENV,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim_job = job(d, "victim", params, sleep=0.25)  # slowed down (numbers unchanged) so the kill lands mid-run
@@ -75,10 +77,22 @@ def test_sigkill_mid_training_then_rerun_gives_identical_weights(tiny_set):
     a, b = pd.read_csv(d / "ref/out/loss.csv"), pd.read_csv(d / "victim/out/loss.csv")
     assert list(a["step"]) == list(b["step"]) == list(range(1, 13))     # the history survives the kill too
     assert list(a["loss"]) == list(b["loss"])
+    va, vb = pd.read_csv(d / "ref/out/val_loss.csv"), pd.read_csv(d / "victim/out/val_loss.csv")
+    assert list(va["step"]) == [0, 4, 8, 12] and va.equals(vb)          # so does the validation curve
+    assert va["val_loss"].iloc[-1] < va["val_loss"].iloc[0]             # and it measures learning
     assert published(ckpt) == [9, 12] and not list(ckpt.glob("*.tmp"))   # last K=2 kept, nothing half-written
 
-    # What goes to MLflow each step: loss, per-subband wavelet terms, lr, throughput, peak memory (clearly named).
-    logged = [json.loads(line) for line in (d / "ref.jsonl").read_text().splitlines()]
+    # What goes to MLflow each step: loss, per-subband wavelet terms, lr, throughput, peak memory (clearly named);
+    # at each validation: the held-out loss per sigma and averaged, and the validation sample as an image.
+    lines = [json.loads(line) for line in (d / "ref.jsonl").read_text().splitlines()]
+    images = [r for r in lines if "image" in r]
+    assert [(r["step"], r["image"], r["size"]) for r in images] == [(s, "val_sample_0", [256, 256])
+                                                                  for s in (0, 4, 8, 12)]
+    val = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 4, 8, 12]
+    assert all({f"val_loss_t{k}" for k in range(8)} | {"val_objective"} <= set(r) for r in val)
+    assert [r["val_loss"] for r in val] == list(va["val_loss"])
+    logged = [r for r in lines if "loss" in r]
     assert [r["step"] for r in logged] == list(range(1, 13))
     keys = {"loss", "loss_LL", "loss_LH", "loss_HL", "loss_HH", "lr", "samples_per_s", "peak_host_rss_gb"}
     assert all(keys <= set(r) for r in logged)
@@ -89,13 +103,21 @@ def test_sigkill_mid_training_then_rerun_gives_identical_weights(tiny_set):
 
 
 def test_checkpointer_layout(tmp_path):
-    c = PlainCheckpointer(tmp_path / "ck", "fp-a", keep=2)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    c = Checkpointer(tmp_path / "ck", "fp-a", keep=2, accelerator=accelerator)
     for step in (1, 2, 3):
-        c.save(step, {"step": step})
+        state.step = step
+        c.save(accelerator, step)
     assert [p.name for p in c.checkpoints()] == ["step-00000002", "step-00000003"]
     (tmp_path / "ck" / "step-00000004.tmp").mkdir()   # a save killed half-way
-    c = PlainCheckpointer(tmp_path / "ck", "fp-a", keep=2)
+    c = Checkpointer(tmp_path / "ck", "fp-a", keep=2, accelerator=accelerator)
     assert not (tmp_path / "ck" / "step-00000004.tmp").exists()
-    assert c.load(c.latest())["step"] == 3
+    state.step = 0
+    c.load(accelerator, c.latest())
+    assert state.step == 3                               # the registered state comes back with accelerate's load_state
     c = Checkpointer(tmp_path / "ck", "fp-b", keep=2)     # other params/data: never resumed, discarded
     assert c.latest() is None and (tmp_path / "ck" / "fingerprint").read_text() == "fp-b"

@@ -1,9 +1,16 @@
-"""Bucket sampler and flow-matching timestep conventions (seed Sec. 2.2, Table 3)."""
+"""Bucket sampler, flow-matching timestep conventions (seed Sec. 2.2, Table 3), memory settings and accounting,
+validation protocol, parameter checks."""
+import copy
+import itertools
+
 import pytest
 import torch
 
+from conftest import ROOT
 from ultraflux.training.flow import pack, sample_sigmas, sigma_table, unpack
+from ultraflux.training.memory import gradient_checkpointing, zero2_memory
 from ultraflux.training.sampler import BucketBatchSampler
+from ultraflux.training.validation import VAL_COLUMNS, VAL_SIGMAS, fixed_noise
 
 
 def test_stage2_range_is_the_high_noise_end():
@@ -29,28 +36,90 @@ def test_pack_unpack_roundtrip():
 def test_bucket_batches_single_bucket_disjoint_equal_across_ranks():
     buckets = ["1:1"] * 11 + ["16:9"] * 7 + ["2:1"] * 3
     ranks = [BucketBatchSampler(buckets, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].batches_per_epoch == 3   # one epoch = 2 + 1 global batches of 4 (2:1 too small, remainders dropped)
     seen = [[], []]
-    for _ in range(4):  # one epoch = 2 + 1 global batches of 4 (the 2:1 bucket is too small, remainders dropped)
-        batches = [s.next_batch() for s in ranks]
+    for batches in itertools.islice(zip(*ranks), 3):
         assert len({buckets[i] for b in batches for i in b}) == 1, "a step mixes buckets"
         assert set(batches[0]).isdisjoint(batches[1]), "ranks share images"
         for r in range(2):
             seen[r] += batches[r]
-    assert all(len(s) == 8 for s in seen)
-    assert ranks[0].epoch == ranks[1].epoch == 1
+    assert all(len(s) == 6 for s in seen)
+    assert len(set(seen[0] + seen[1])) == 12       # within an epoch no image is seen twice
 
 
 def test_bucket_sampler_resume_continues_exactly():
     buckets = ["a"] * 9 + ["b"] * 6
-    ref = BucketBatchSampler(buckets, 3, seed=1)
-    expected = [ref.next_batch() for _ in range(12)]
-    s = BucketBatchSampler(buckets, 3, seed=1)
-    first = [s.next_batch() for _ in range(5)]
+    ref = list(itertools.islice(iter(BucketBatchSampler(buckets, 3, seed=1)), 12))
+    assert ref[:5] != ref[5:10]                      # epochs reshuffle
     resumed = BucketBatchSampler(buckets, 3, seed=1)
-    resumed.load_state_dict(s.state_dict())
-    assert first + [resumed.next_batch() for _ in range(7)] == expected
+    resumed.seek(5)                                  # e.g. step 5 of grad_accum 1, restored from a checkpoint
+    assert list(itertools.islice(iter(resumed), 7)) == ref[5:]
+    assert [resumed.batch(n) for n in range(12)] == ref
 
 
 def test_bucket_sampler_explains_too_small_buckets():
     with pytest.raises(ValueError, match="bucket sizes"):
         BucketBatchSampler(["a", "b", "c"], batch_size=2, seed=0)
+
+
+def test_gradient_checkpointing_setting():
+    assert gradient_checkpointing("auto") is torch.cuda.is_available()   # today's implicit behaviour
+    assert gradient_checkpointing(True) is True and gradient_checkpointing(False) is False
+    with pytest.raises(ValueError, match="dit_stage1.gradient_checkpointing"):
+        gradient_checkpointing("yes", "dit_stage1.gradient_checkpointing")
+
+
+def test_zero2_accounting_matches_the_zero_paper_and_deepspeed():
+    # ZeRO paper (Rajbhandari et al. 2020), Fig. 1: a 7.5B model, mixed-precision Adam (K = 12), 64 GPUs:
+    # baseline DP 120 GB per GPU, P_os+g (ZeRO-2) 16.6 GB.
+    assert zero2_memory(7.5e9, 1)["zero_paper_model"] / 1e9 == pytest.approx(120.0)
+    assert zero2_memory(7.5e9, 64)["zero_paper_model"] / 1e9 == pytest.approx(16.6, abs=0.05)
+    # Our itemisation (DeepSpeed stage_1_and_2: bf16 grad partitions, two 5e8-element bf16 buckets with overlap_comm)
+    m = zero2_memory(11.9e9, 8)
+    assert m["params_bf16_replicated"] == 2 * 11.9e9
+    assert m["grads_bf16_partition"] + m["master_fp32_partition"] + m["adam_moments_fp32_partition"] == \
+        pytest.approx(14 * 11.9e9 / 8)
+    assert m["static_total"] - m["reduce_buckets"] == pytest.approx(m["zero_paper_model"])
+    assert m["reduce_buckets"] == 2 * 5e8 * 2
+    assert m["static_total"] == pytest.approx((2 + 14 / 8) * 11.9e9 + 2e9)   # 43.4 GiB: fits an 80 GB GPU ...
+    assert zero2_memory(11.9e9, 1)["zero_paper_model"] / 2**30 > 177           # ... where 16 P on one GPU cannot
+    assert zero2_memory(11.9e9, 1, overlap_comm=False)["static_total"] - 1e9 == pytest.approx(16 * 11.9e9)
+
+
+def test_validation_protocol_fixed_sigmas_and_noise():
+    assert VAL_SIGMAS == (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)    # MLPerf: 8 equidistant in [0, 7/8]
+    assert VAL_COLUMNS[1:9] == [f"val_loss_t{k}" for k in range(8)]
+    key = "0123456789abcdef" * 2
+    a = fixed_noise(0, key, 3, (16, 4, 4))
+    assert torch.equal(a, fixed_noise(0, key, 3, (16, 4, 4)))                 # same image, same sigma: same noise
+    assert not torch.equal(a, fixed_noise(0, key, 4, (16, 4, 4)))             # another sigma
+    assert not torch.equal(a, fixed_noise(0, "f" + key[1:], 3, (16, 4, 4)))   # another image
+    assert not torch.equal(a, fixed_noise(1, key, 3, (16, 4, 4)))             # another seed
+
+
+def test_zero2_rank_emulation_holds_one_partition(monkeypatch):
+    """bench_training.py --full's one-rank ZeRO-2 layout, on the CPU: what it keeps is what the accounting counts."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_training import Zero2Rank
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(8)]).to(torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    opt = Zero2Rank(model, world=4, lr=1e-2)
+    owned = sum(p.numel() for p in opt.owned)
+    assert total / 4 <= owned < total / 4 + max(p.numel() for p in params)     # 1/N, up to tensor boundaries
+    model(torch.randn(4, 32, dtype=torch.bfloat16)).square().mean().backward()
+    owned_ids = {id(p) for p in opt.owned}
+    assert all((p.grad is not None) == (id(p) in owned_ids) for p in params)   # others' gradients dropped
+    opt.step()
+    state_bytes = sum(t.numel() * t.element_size() for s in opt.opt.state.values() for t in s.values()
+                      if torch.is_tensor(t) and t.dim() > 0)
+    master_bytes = sum(m.numel() * m.element_size() for m in opt.master)
+    assert (master_bytes, state_bytes) == (4 * owned, 8 * owned)             # fp32 master + m, v for 1/N only
+    m = zero2_memory(owned * 4, 4)
+    assert master_bytes + state_bytes == m["master_fp32_partition"] + m["adam_moments_fp32_partition"]
+    changed = [not torch.equal(p, b) for p, b in zip(params, before)]
+    assert changed == [id(p) in owned_ids for p in params]                   # only the owned partition is updated
+    assert all(p.grad is None for p in params)

@@ -1,10 +1,13 @@
 """Tiny curated sets and worker scripts for tests/test_training_*.py (no curation run: a hand-built manifest).
 
-Images are random PNGs at small multiples of 32 px (F16 VAE x 2x2 packing), grouped in a few aspect buckets.
+Images are random PNGs at small multiples of 32 px (F16 VAE x 2x2 packing), grouped in a few aspect buckets, written
+as WebDataset tar shards with ``ultraflux.data.shards.ShardWriter`` (the curated layout): manifest rows carry
+``shard``, ``key``, ``offset``, ``nbytes``, ``width`` and ``height``.
 """
 from __future__ import annotations
 
 import copy
+import io
 import json
 from pathlib import Path
 
@@ -12,31 +15,42 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ultraflux.data.shards import SHARD_DIR, ShardWriter
+
 # Small bucket sizes (w, h): multiples of 32 px so latents pack 2x2.
 TINY_BUCKETS = {"1:1": (64, 64), "2:1": (128, 64), "1:2": (64, 128)}
 
 
 def make_curated(root: Path, counts: dict[str, int] | None = None, holdout: int = 2, seed: int = 0,
-                 sizes: dict[str, tuple[int, int]] | None = None) -> Path:
-    """Write ``root/images/*.png`` and ``root/manifest.parquet`` with the columns the trainers read."""
+                 sizes: dict[str, tuple[int, int]] | None = None, corrupt: tuple[int, ...] = ()) -> Path:
+    """Write ``root/shards/*.tar`` and ``root/manifest.parquet`` with the columns the trainers read.
+
+    ``corrupt``: row numbers whose stored image bytes are garbage (a decoder must reject them).
+    """
     counts = counts or {"1:1": 6, "2:1": 4, "1:2": 4}
     sizes = sizes or TINY_BUCKETS
     rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
     rows, n = [], 0
+    writers = {split: ShardWriter(root / SHARD_DIR, split, root, max_count=5) for split in ("train", "holdout")}
     for bucket, count in counts.items():
         w, h = sizes[bucket]
         for k in range(count + (holdout if bucket == "1:1" else 0)):
             # smooth-ish random image: low-res noise upsampled, so reconstructions are learnable
             small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-            img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
-            name = f"images/{n:04d}.png"
-            img.save(root / name)
+            buf = io.BytesIO()
+            Image.fromarray(small).resize((w, h), Image.BILINEAR).save(buf, format="PNG")
+            data = buf.getvalue() if n not in corrupt else b"not an image" * 10
             split = "holdout" if k >= count else "train"
-            rows.append({"id": f"img{n:04d}", "image": name, "caption": f"a test picture number {n}",
-                         "bucket": bucket, "kept": True, "split": split, "stage2": n % 2 == 0,
-                         "texture_rank": float(rng.random())})
+            caption = f"a test picture number {n}"
+            key = f"img{n:04d}"
+            loc = writers[split].write(key, {"png": data, "txt": caption.encode(),
+                                             "json": json.dumps({"id": key}).encode()})
+            rows.append({"id": key, "caption": caption, "bucket": bucket, "width": w, "height": h, "kept": True,
+                         "split": split, "stage2": n % 2 == 0, "texture_rank": float(rng.random()),
+                         "shard": loc.shard, "key": loc.key, "offset": loc.offset, "nbytes": loc.nbytes})
             n += 1
+    for writer in writers.values():
+        writer.close()
     pd.DataFrame(rows).to_parquet(root / "manifest.parquet", index=False)
     return root
 

@@ -205,6 +205,25 @@ class VaeTrain(Section):                                 # seed Sec. 2.2 "VAE Tr
     adv_start: NonNegInt
     checkpoint_every: PosInt
     keep_checkpoints: PosInt
+    eval_images: NonNegInt                               # held-out images for PSNR/SSIM/NMSE during training
+    num_workers: NonNegInt                               # DataLoader workers decoding the streamed crops
+
+
+class LatentCache(Section):                              # frozen-encoder outputs (seed Sec. 2.2: VAE, text frozen)
+    dir: Path                                            # one filesystem shared by every process
+    dtype: Literal["bf16", "fp16", "fp32"]               # as stored
+    encode_batch_size: PosInt
+    shard_size: PosInt                                   # samples per safetensors shard
+    num_workers: NonNegInt                               # DataLoader workers
+    prefetch_factor: PosInt
+
+
+class Validation(Section):                               # DiT validation: MLPerf text-to-image protocol (not the seed)
+    images: NonNegInt                                    # held-out images at 8 fixed sigmas with fixed noise
+    prompts: list[Text]                                  # validation samples logged as MLflow images
+    sample_steps: PosInt
+    sample_size: Annotated[int, Field(ge=32, multiple_of=32)]
+    guidance_scale: NonNegFloat
 
 
 class DitStage(Section):                                 # seed Sec. 2.2 "DiT Training", Table 3 curriculum
@@ -220,6 +239,8 @@ class DitStage(Section):                                 # seed Sec. 2.2 "DiT Tr
     checkpoint_every: PosInt
     keep_checkpoints: PosInt
     max_grad_norm: Optional[NonNegFloat]
+    gradient_checkpointing: Literal["auto", True, False]   # auto = on when CUDA is present
+    val_every: PosInt                                    # steps between validation losses
 
     @model_validator(mode="after")
     def _range(self):
@@ -305,6 +326,8 @@ class Params(Section):
     objective: Literal["l2", "ultraflux"]                # seed Table 1: "Flux, latent L2" | UltraFlux
     loss: Loss
     vae_train: VaeTrain
+    latent_cache: LatentCache
+    validation: Validation
     dit_stage1: DitStage
     dit_stage2: DitStage
     sample: Sample

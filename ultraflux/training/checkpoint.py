@@ -1,8 +1,10 @@
 """Resumable checkpoints for long runs.
 
-Every ``checkpoint_every`` steps the full training state (model, optimizer, LR schedule and RNG states through
-``accelerator.save_state``, plus our own ``extra`` state: step, sampler position, loss history) is written to
-``<dir>/step-<n>.tmp`` and renamed to ``<dir>/step-<n>`` (atomic on one filesystem); only the last ``keep`` survive.
+Every ``checkpoint_every`` steps the full training state is written by ``accelerator.save_state`` (models,
+optimizers, LR schedules, the RNG states of every process, and the objects registered with
+``accelerator.register_for_checkpointing``: the loop's :class:`TrainState`, i.e. step, loss and validation history,
+from which the samplers' positions follow) to ``<dir>/step-<n>.tmp`` and renamed to ``<dir>/step-<n>`` (atomic on one
+filesystem); only the last ``keep`` survive.
 A process killed at any moment (SIGKILL included) leaves either complete ``step-*`` directories or a ``*.tmp`` one,
 which the next run deletes. ``<dir>/fingerprint`` records what the run depends on (the stage's params and input
 hashes): a checkpoint directory with another fingerprint belongs to another run and is discarded, never resumed. The
@@ -10,18 +12,14 @@ directory is not a DVC output (DVC only deletes declared outputs before a run), 
 after a crash resumes instead of starting over.
 
 Multi-process (DDP / DeepSpeed ZeRO-2): ``save_state``/``load_state`` are collective, every rank calls ``save`` and
-``load``; only the main process touches the directory layout (cleanup, rename, pruning), between barriers.
-
-``PlainCheckpointer`` is the same layout for loops that do not use accelerate (the VAE post-training): one
-``state.pt`` per checkpoint holding whatever state dict the loop hands it.
+``load``; only the main process touches the directory layout (cleanup, rename, pruning), between barriers. Both
+training loops (VAE post-training and DiT) use this one mechanism.
 """
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
-
-import torch
 
 
 class _Layout:
@@ -68,6 +66,20 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+class TrainState:
+    """A loop's own state, registered with ``accelerator.register_for_checkpointing``: step, histories, extras."""
+
+    def __init__(self):
+        self.step, self.history, self.val_history, self.extra = 0, [], [], {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "history": self.history, "val_history": self.val_history, "extra": self.extra}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.history = int(state["step"]), list(state["history"])
+        self.val_history, self.extra = list(state.get("val_history", [])), dict(state.get("extra", {}))
+
+
 class Checkpointer(_Layout):
     """Checkpoints of an accelerate-prepared run (plain, DDP or DeepSpeed)."""
 
@@ -77,7 +89,7 @@ class Checkpointer(_Layout):
         if accelerator is not None:
             accelerator.wait_for_everyone()   # the layout is settled before any rank looks for checkpoints
 
-    def save(self, accelerator, step: int, extra: dict) -> Path:
+    def save(self, accelerator, step: int) -> Path:
         final, tmp = self._paths(step)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -86,50 +98,9 @@ class Checkpointer(_Layout):
         accelerator.save_state(str(tmp))           # collective: every rank writes its part (ZeRO shards)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            torch.save(extra, tmp / "extra.pt")
             self._publish(tmp, final)
         accelerator.wait_for_everyone()
         return final
 
-    def load(self, accelerator, path: Path) -> dict:
-        accelerator.load_state(str(path))          # collective
-        return torch.load(path / "extra.pt", weights_only=False)
-
-
-class PlainCheckpointer(_Layout):
-    """Single-process checkpoints: ``step-<n>/state.pt`` (a dict of state dicts and plain values)."""
-
-    def save(self, step: int, state: dict) -> Path:
-        final, tmp = self._paths(step)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / "state.pt")
-        self._publish(tmp, final)
-        return final
-
-    def load(self, path: Path) -> dict:
-        return torch.load(path / "state.pt", weights_only=False)
-
-
-def rng_state() -> dict:
-    """Global RNG states (python, numpy, torch CPU, CUDA when present) for ``PlainCheckpointer`` states."""
-    import random
-
-    import numpy as np
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def load(self, accelerator, path: Path) -> None:
+        accelerator.load_state(str(path))          # collective; restores the registered TrainState too

@@ -43,3 +43,20 @@ def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def image_ids(h: int, w: int, device, dtype=torch.float32) -> torch.Tensor:
     """Flux position ids for a packed h x w latent: (0, row, col) per token."""
     return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
+
+
+GUIDANCE_TRAIN = 1.0  # embedded-guidance value fed during training (FLUX.1-dev fine-tuning convention)
+
+
+def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
+                     pooled: torch.Tensor, dtype: torch.dtype, guidance: float = GUIDANCE_TRAIN) -> torch.Tensor:
+    """Velocity prediction [B, C, H, W] (fp32) for unpacked noisy latents ``x_t`` at ``sigmas`` [B], as trained."""
+    bsz, _, h, w = x_t.shape
+    device = x_t.device
+    pred = transformer(
+        hidden_states=pack(x_t).to(dtype), timestep=sigmas.to(dtype),
+        guidance=torch.full((bsz,), guidance, device=device, dtype=dtype),
+        pooled_projections=pooled.to(device, dtype), encoder_hidden_states=prompt_embeds.to(device, dtype),
+        txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device), img_ids=image_ids(h, w, device),
+        return_dict=False)[0]
+    return unpack(pred, h, w).float()

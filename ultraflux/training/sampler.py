@@ -4,50 +4,62 @@ Each epoch, every bucket is shuffled with a seed shared by all ranks (``seed + e
 of ``batch_size * world_size`` indices (a remainder that does not fill a global batch is dropped for this epoch); the
 global batches of all buckets are then shuffled together, so buckets mix across steps in proportion to their size.
 Rank r takes slice r of each global batch: every rank sees the same bucket at the same step, a disjoint shard, and
-the same number of batches. The position (epoch, batch) is part of the checkpoint, so a resumed run continues with
-exactly the batches it would have seen.
+the same number of batches.
+
+Every epoch has the same number of batches, so batch number n is a pure function of (seed, n): the sampler is the
+``batch_sampler`` of a DataLoader, iterating endlessly from ``seek(n)``; a resumed run seeks to the number of
+micro-batches it has consumed (step x grad_accum, restored by accelerate's ``load_state``) and continues with exactly
+the batches it would have seen, whatever the DataLoader had prefetched before the kill.
 """
 from __future__ import annotations
 
 import random
 from collections import defaultdict
+from typing import Iterator, Sequence
 
 
 class BucketBatchSampler:
-    def __init__(self, buckets: list[str], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.buckets, self.batch_size, self.seed = list(buckets), batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = 0, 0
-        if not self._epoch_batches(0):
-            sizes = {b: self.buckets.count(b) for b in sorted(set(self.buckets))}
-            raise ValueError(f"no bucket holds a full global batch of {batch_size * world_size} images "
-                             f"(batch_size x processes); bucket sizes: {sizes}")
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 100_003 + epoch)
+    def __init__(self, buckets: Sequence[str], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         by_bucket: dict[str, list[int]] = defaultdict(list)
-        for i, b in enumerate(self.buckets):
+        for i, b in enumerate(buckets):
             by_bucket[b].append(i)
+        self.by_bucket = {b: by_bucket[b] for b in sorted(by_bucket)}
+        g = batch_size * world_size
+        self.batches_per_epoch = sum(len(v) // g for v in self.by_bucket.values())
+        if not self.batches_per_epoch:
+            sizes = {b: len(v) for b, v in self.by_bucket.items()}
+            raise ValueError(f"no bucket holds a full global batch of {g} images "
+                             f"(batch_size x processes); bucket sizes: {sizes}")
+        self.start = 0
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch`` (computed once per epoch)."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        rng = random.Random(self.seed * 100_003 + epoch)
         g = self.batch_size * self.world_size
         batches = []
-        for b in sorted(by_bucket):
-            idx = by_bucket[b]
+        for idx in self.by_bucket.values():
+            idx = list(idx)
             rng.shuffle(idx)
             batches += [idx[i:i + g] for i in range(0, len(idx) - g + 1, g)]
         rng.shuffle(batches)
-        return [gb[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for gb in batches]
+        mine = [gb[self.rank * self.batch_size:(self.rank + 1) * self.batch_size] for gb in batches]
+        self._cached = (epoch, mine)
+        return mine
 
-    def next_batch(self) -> list[int]:
-        batches = self._epoch_batches(self.epoch)
-        if self.position >= len(batches):
-            self.epoch, self.position = self.epoch + 1, 0
-            batches = self._epoch_batches(self.epoch)
-        batch = batches[self.position]
-        self.position += 1
-        return batch
+    def batch(self, n: int) -> list[int]:
+        """Batch number ``n`` (0-based, counted over epochs) of this rank."""
+        return self.epoch_batches(n // self.batches_per_epoch)[n % self.batches_per_epoch]
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+    def seek(self, n: int) -> None:
+        """The next iteration starts at batch ``n``."""
+        self.start = int(n)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+    def __iter__(self) -> Iterator[list[int]]:
+        n = self.start
+        while True:
+            yield self.batch(n)
+            n += 1

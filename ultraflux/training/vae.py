@@ -18,48 +18,102 @@ Loss = lambda_L2 * MSE(D(z), x) + lambda_perc * perceptual(D(z), x) + lambda_vae
   (the discriminator loss never reaches the decoder); the generator term is computed with the discriminator's
   parameters frozen (it never reaches the discriminator).
 
-Checkpoints (``ckpt_dir``): every ``checkpoint_every`` steps (default 100) the decoder, discriminator, both optimizers,
-the crop/posterior generator, the global RNGs and the loss history are saved (``training/checkpoint.py`` layout); a
-re-run resumes and ends with the same weights as an uninterrupted run. Held-out PSNR / SSIM / NMSE every
-``eval_every`` steps (seed Table 2 columns that need no learned weights).
+Data: the training images are streamed from the curated shards (``ultraflux.data.shards``), one row read per crop by
+DataLoader workers; nothing holds the image set. Crop number n (which image, where) and the posterior noise of
+micro-batch n are pure functions of (seed, n), drawn from the manifest's ``width``/``height`` (:class:`CropSampler`),
+so the crops are deterministic by seed and a resumed run needs only its step.
+
+Checkpoints (``ckpt_dir``): every ``checkpoint_every`` steps accelerate's ``save_state`` writes the decoder,
+discriminator, both optimizers, the RNG states and the registered :class:`TrainState` (step, loss history, initial
+metrics), in the ``training/checkpoint.py`` layout shared with the DiT loop; a re-run resumes (``load_state``) and ends
+with the same weights as an uninterrupted run. Held-out PSNR / SSIM / NMSE (``ultraflux.evaluation.reconstruction``,
+the seed Table 2 columns that need no learned weights) on the first ``eval_images`` held-out images every
+``eval_every`` steps.
 """
 from __future__ import annotations
 
 import copy
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
+from ultraflux.data.shards import load_image_tensor
+from ultraflux.evaluation.reconstruction import reconstruction_metrics
 from ultraflux.io import atomic_path, sha256_file, sha256_json
-from ultraflux.training.cache import load_image_tensor
-from ultraflux.training.checkpoint import PlainCheckpointer, rng_state, set_rng_state
+from ultraflux.training.checkpoint import Checkpointer, TrainState
 
 PERCEPTUAL_STANDIN = "standin:1-ssim (no LPIPS weights)"
 LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"   # torchvision's ImageNet VGG16 (the LPIPS backbone)
 LPIPS_HEADS_FILE = "vgg.pth"                 # the LPIPS v0.1 linear heads (shipped in the lpips package)
 
 
-def select_vae_rows(manifest: pd.DataFrame, top_fraction: float) -> tuple[list[dict], list[dict]]:
+ROW_COLUMNS = ["id", "shard", "key", "offset", "nbytes", "image", "width", "height"]   # what a crop needs of a row
+
+
+def select_vae_rows(manifest: pd.DataFrame, top_fraction: float, eval_images: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows: top ``top_fraction`` of kept train rows by texture, holdout rows: first ``eval_images``)."""
     kept = manifest[manifest["kept"]]
-    train = kept[kept["split"] == "train"].sort_values("texture_rank", ascending=False)
+    train = kept[kept["split"] == "train"].sort_values("texture_rank", ascending=False, kind="stable")
     train = train.head(max(1, int(round(len(train) * top_fraction))))
-    return train.to_dict("records"), kept[kept["split"] == "holdout"].to_dict("records")
+    holdout = kept[kept["split"] == "holdout"].head(int(eval_images))
+    cols = [c for c in ROW_COLUMNS if c in manifest.columns]
+    return train[cols].reset_index(drop=True), holdout[cols].reset_index(drop=True)
 
 
-def random_crop(img: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+def _seed(*parts) -> int:
+    """A generator seed hashed from ``parts`` (torch's CPU generator keeps 32 bits; Python's ``hash`` is salted)."""
+    return int(sha256_json(["vae-crops", *parts])[:8], 16)
+
+
+class CropSampler:
+    """Batches of crops (row, top, left); batch n is a pure function of (seed, n), so ``seek(n)`` resumes exactly.
+
+    A row is drawn uniformly among the training rows, the window uniformly inside the image (``sizes`` from the
+    manifest; an image smaller than ``size`` is upscaled to it first, as :func:`crop` does). Used as a DataLoader's
+    ``batch_sampler``: iteration starts at the position restored from the checkpoint.
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, size: int, seed: int):
+        self.sizes, self.batch_size, self.size, self.seed, self.start = sizes, batch_size, size, seed, 0
+
+    def batch(self, n: int) -> list[tuple[int, int, int]]:
+        g = torch.Generator().manual_seed(_seed(self.seed, 1, n))
+        out = []
+        for r in torch.randint(0, len(self.sizes), (self.batch_size,), generator=g).tolist():
+            w, h = self.sizes[r]
+            top = int(torch.randint(0, max(h, self.size) - self.size + 1, (1,), generator=g))
+            left = int(torch.randint(0, max(w, self.size) - self.size + 1, (1,), generator=g))
+            out.append((r, top, left))
+        return out
+
+    def noise_generator(self, n: int) -> torch.Generator:
+        """The posterior-sampling generator of micro-batch ``n``."""
+        return torch.Generator().manual_seed(_seed(self.seed, 2, n))
+
+    def seek(self, n: int) -> None:
+        self.start = int(n)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        n = self.start
+        while True:
+            yield self.batch(n)
+            n += 1
+
+
+def crop(img: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
+    """``size`` x ``size`` window at (top, left); an image smaller than ``size`` is first upscaled (bilinear) to it."""
     _, h, w = img.shape
     if h < size or w < size:
         img = F.interpolate(img[None], size=(max(h, size), max(w, size)), mode="bilinear", align_corners=False)[0]
-        _, h, w = img.shape
-    y = int(torch.randint(0, h - size + 1, (1,), generator=gen))
-    x = int(torch.randint(0, w - size + 1, (1,), generator=gen))
-    return img[:, y:y + size, x:x + size]
+    return img[:, top:top + size, left:left + size]
 
 
 def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -68,24 +122,24 @@ def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     return img[:, y:y + size, x:x + size]
 
 
-def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
-    z = vae.encode(x).latent_dist.mode()
-    return vae.decode(z).sample
+class CropDataset(Dataset):
+    """Crop ``(row, top, left)`` of a training image, read from its shard when asked (one row, one read)."""
+
+    def __init__(self, rows: pd.DataFrame, curated_dir: Path, size: int):
+        self.rows, self.curated_dir, self.size = rows, Path(curated_dir), size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> torch.Tensor:
+        r, top, left = item
+        return crop(load_image_tensor(self.curated_dir, self.rows.iloc[r].to_dict()), top, left, self.size)
 
 
-@torch.no_grad()
-def reconstruction_metrics(vae, images: list[torch.Tensor]) -> dict[str, float]:
-    """PSNR / SSIM / NMSE (seed Table 2 columns that need no learned weights) on images in [-1, 1]."""
-    psnr, ssim, nmse = [], [], []
-    for x in images:
-        x = x[None]
-        r = reconstruct(vae, x).clamp(-1, 1)
-        a, b = (x + 1) / 2, (r + 1) / 2
-        psnr.append(float(peak_signal_noise_ratio(b, a, data_range=1.0)))
-        ssim.append(float(structural_similarity_index_measure(b, a, data_range=1.0)))
-        nmse.append(float(((r - x) ** 2).sum() / (x ** 2).sum().clamp_min(1e-12)))
-    n = max(1, len(images))
-    return {"psnr": sum(psnr) / n, "ssim": sum(ssim) / n, "nmse": sum(nmse) / n}
+def holdout_crops(rows: pd.DataFrame, curated_dir: Path, size: int) -> Iterator[torch.Tensor]:
+    """Centre crops of the held-out images, read one at a time."""
+    for row in rows.to_dict("records"):
+        yield center_crop(load_image_tensor(curated_dir, row), size)
 
 
 # --------------------------------------------------------------------------------------------- perceptual term
@@ -161,37 +215,44 @@ def generator_adv_loss(disc: nn.Module, recon: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- training
 def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progress: bool = True,
-              ckpt_dir: Path | None = None) -> dict:
+              ckpt_dir: Path | None = None, on_step=None) -> dict:
     """Post-train the decoder; writes ``out_dir/vae`` (diffusers format) and ``out_dir/loss.csv``.
 
     With ``ckpt_dir`` the run checkpoints every ``vae_train.checkpoint_every`` steps and resumes from there.
+    ``on_step(step)`` is called after every optimizer step (tests slow a run down with it to kill it mid-way).
     """
+    from accelerate import Accelerator
+
     from ultraflux.models.vae import build_vae
 
     cfg, seed = params["vae_train"], params["seed"]
     adversarial = bool(cfg.get("adversarial", False))
     lam_adv, adv_start = float(cfg.get("lambda_adv", 0.05)), int(cfg.get("adv_start", 0))
     lpips_weights = cfg.get("lpips_weights", "") or ""
+    size, accum, workers = int(cfg["resolution"]), int(cfg["grad_accum"]), cfg["num_workers"]
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
     manifest = pd.read_parquet(curated_dir / "manifest.parquet")
-    train_rows, holdout_rows = select_vae_rows(manifest, cfg["flat_top_fraction"])
-    if not train_rows:
+    train_rows, holdout_rows = select_vae_rows(manifest, cfg["flat_top_fraction"], cfg["eval_images"])
+    if train_rows.empty:
         raise ValueError(f"vae: no kept training images in {curated_dir}/manifest.parquet")
-    images = [load_image_tensor(curated_dir / r["image"]) for r in train_rows]
-    holdout = [center_crop(load_image_tensor(curated_dir / r["image"]), cfg["resolution"]) for r in holdout_rows]
+    for col in ("width", "height"):
+        if col not in train_rows.columns:
+            raise ValueError(f"vae: {curated_dir}/manifest.parquet has no '{col}' column (image sizes pick the crops)")
 
+    accelerator = Accelerator(mixed_precision="no")   # fp32 decoder training; accelerate keeps device and state
+    device = accelerator.device
     vae = build_vae(params["model"])
     vae.encoder.requires_grad_(False)
     if getattr(vae, "quant_conv", None) is not None:
         vae.quant_conv.requires_grad_(False)
-    original_decoder = copy.deepcopy(vae.decoder).requires_grad_(False).eval()
-    post_quant = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else torch.nn.Identity()
+    original_decoder = copy.deepcopy(vae.decoder).requires_grad_(False).eval().to(device)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    vae, optimizer = accelerator.prepare(vae, optimizer)
+    post_quant = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else torch.nn.Identity()
     lam_l2, lam_perc, lam_vae = cfg["lambda_l2"], cfg["lambda_perc"], cfg["lambda_vae"]
-    lpips_model = load_lpips(lpips_weights) if lpips_weights else None
+    lpips_model = load_lpips(lpips_weights).to(device) if lpips_weights else None
     perceptual_name = f"lpips:vgg ({lpips_weights})" if lpips_model is not None else PERCEPTUAL_STANDIN
     disc = opt_d = None
     if adversarial:
@@ -199,35 +260,39 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
             torch.manual_seed(seed + 1)
             disc = PatchDiscriminator()
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.9), weight_decay=cfg["weight_decay"])
+        disc, opt_d = accelerator.prepare(disc, opt_d)
     if logger is not None:
         logger.set_tags({"vae.perceptual": perceptual_name, "vae.adversarial": str(adversarial)})
 
-    ckpt, step, history, before = None, 0, [], None
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    ckpt = None
     if ckpt_dir is not None:
         fingerprint = sha256_json({"vae_train": cfg, "model": params["model"], "seed": seed,
                                    "manifest": sha256_file(curated_dir / "manifest.parquet")})
-        ckpt = PlainCheckpointer(ckpt_dir, fingerprint, cfg.get("keep_checkpoints", 2))
+        ckpt = Checkpointer(ckpt_dir, fingerprint, cfg.get("keep_checkpoints", 2), accelerator)
         if (latest := ckpt.latest()) is not None:
-            state = ckpt.load(latest)
-            vae.load_state_dict(state["vae"])
-            optimizer.load_state_dict(state["optimizer"])
-            if disc is not None:
-                disc.load_state_dict(state["disc"])
-                opt_d.load_state_dict(state["opt_d"])
-            gen.set_state(state["generator"])
-            set_rng_state(state["rng"])
-            step, history, before = state["step"], state["history"], state.get("before")
-            print(f"vae: resumed from {latest} at step {step}")
+            ckpt.load(accelerator, latest)
+            print(f"vae: resumed from {latest} at step {state.step}")
     every = int(cfg.get("checkpoint_every", 100))
+    sampler = CropSampler(list(zip(train_rows["width"].astype(int), train_rows["height"].astype(int))),
+                          cfg["batch_size"], size, seed)
+    sampler.seek(state.step * accum)
+    crops = iter(DataLoader(CropDataset(train_rows, curated_dir, size), batch_sampler=sampler, num_workers=workers,
+                            prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available()))
 
-    if before is None:   # metrics of the initial decoder (a resumed run takes them from its checkpoint)
-        before = reconstruction_metrics(vae.eval(), holdout) if holdout else {}
-    if logger is not None and before and step == 0:
+    def holdout_metrics() -> dict:
+        return reconstruction_metrics(vae.eval(), holdout_crops(holdout_rows, curated_dir, size)) \
+            if len(holdout_rows) else {}
+
+    if "before" not in state.extra:   # metrics of the initial decoder (a resumed run takes them from its checkpoint)
+        state.extra["before"] = holdout_metrics()
+    before = state.extra["before"]
+    if logger is not None and before and state.step == 0:
         logger.log_metrics({f"holdout_{k}": v for k, v in before.items()}, step=0)
-    accum = cfg["grad_accum"]
-    bar = tqdm(total=cfg["steps"], initial=step, desc="vae", disable=not progress)
-    while step < cfg["steps"]:
-        step += 1
+    bar = tqdm(total=cfg["steps"], initial=state.step, desc="vae", disable=not progress)
+    while state.step < cfg["steps"]:
+        step = state.step + 1
         t0 = time.perf_counter()
         vae.train()
         use_adv = disc is not None and step > adv_start
@@ -236,11 +301,10 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
             sums.update({"loss_adv_g": 0.0, "loss_disc": 0.0})
             disc.requires_grad_(False)            # the generator term must not train the discriminator
         recons = []
-        for _ in range(accum):
-            idx = torch.randint(0, len(images), (cfg["batch_size"],), generator=gen).tolist()
-            x = torch.stack([random_crop(images[i], cfg["resolution"], gen) for i in idx])
+        for micro in range(accum):
+            x = next(crops).to(device, non_blocking=True)
             with torch.no_grad():                 # frozen encoder and frozen reference decoder only
-                z = vae.encode(x).latent_dist.sample(generator=gen)
+                z = vae.encode(x).latent_dist.sample(generator=sampler.noise_generator(state.step * accum + micro))
                 ref = original_decoder(post_quant(z))
             recon = vae.decode(z).sample
             l2 = F.mse_loss(recon, x)
@@ -252,7 +316,7 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
                 loss = loss + lam_adv * adv
                 sums["loss_adv_g"] += float(adv.detach()) / accum
                 recons.append((x, recon.detach()))
-            (loss / accum).backward()
+            accelerator.backward(loss / accum)
             for k, v in (("loss", loss), ("loss_l2", l2), ("loss_perceptual", perc), ("loss_consistency", consistency)):
                 sums[k] += float(v.detach()) / accum
         optimizer.step()
@@ -261,33 +325,34 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
             disc.requires_grad_(True)
             for x, recon in recons:
                 d_loss = discriminator_loss(disc, x, recon)
-                (d_loss / accum).backward()
+                accelerator.backward(d_loss / accum)
                 sums["loss_disc"] += float(d_loss.detach()) / accum
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
-        record = {"step": step, **sums,
-                  "images_per_s": cfg["batch_size"] * accum / (time.perf_counter() - t0),
+        state.step = step
+        record = {"step": step, **sums, "images_per_s": cfg["batch_size"] * accum / (time.perf_counter() - t0),
                   "lr": optimizer.param_groups[0]["lr"]}
-        if holdout and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
-            record.update({f"holdout_{k}": v for k, v in reconstruction_metrics(vae.eval(), holdout).items()})
-        history.append(record)
+        if len(holdout_rows) and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
+            record.update({f"holdout_{k}": v for k, v in holdout_metrics().items()})
+        state.history.append(record)
         if logger is not None:
             logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if on_step is not None:
+            on_step(step)
         if ckpt is not None and (step % every == 0 or step == cfg["steps"]):
-            ckpt.save(step, {"step": step, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                             "disc": disc.state_dict() if disc is not None else None,
-                             "opt_d": opt_d.state_dict() if opt_d is not None else None,
-                             "generator": gen.get_state(), "rng": rng_state(), "history": history,
-                             "before": before})
+            ckpt.save(accelerator, step)
     bar.close()
+    del crops   # stops the DataLoader workers
 
+    vae = accelerator.unwrap_model(vae)
     with atomic_path(out_dir / "vae") as tmp:
         vae.eval().save_pretrained(tmp)
-    pd.DataFrame(history).to_csv(out_dir / "loss.csv", index=False)
-    after = reconstruction_metrics(vae.eval(), holdout) if holdout else {}
-    return {"final_loss": history[-1]["loss"] if history else float("nan"), "num_train_images": len(images),
-            "num_holdout_images": len(holdout),
+    with atomic_path(out_dir / "loss.csv") as tmp:
+        pd.DataFrame(state.history).to_csv(tmp, index=False)
+    after = holdout_metrics()
+    return {"final_loss": state.history[-1]["loss"] if state.history else float("nan"),
+            "num_train_images": len(train_rows), "num_holdout_images": len(holdout_rows),
             **{f"holdout_{k}_before": v for k, v in before.items()}, **{f"holdout_{k}": v for k, v in after.items()},
             "perceptual": perceptual_name, "adversarial": adversarial}
