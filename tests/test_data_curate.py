@@ -514,29 +514,24 @@ def test_an_exception_in_one_image_is_recorded_and_the_run_goes_on(tmp_path, mon
 
 
 def test_examples_show_kept_and_each_rejection_reason(synthetic_run):
-    """outputs/curated/examples: a few thumbnails per outcome with their scores, bounded, the same on every run."""
-    import json
-
-    from PIL import Image
-
-    from ultraflux.data.examples import PER_GROUP
+    """The report's curation examples: a few thumbnails per outcome with their scores, bounded, the same ids on
+    every call."""
+    from ultraflux.data.examples import PER_GROUP, THUMB, curation_examples
 
     out, _ = synthetic_run
     df = manifest(out)
-    index = json.loads((out / "examples" / "index.json").read_text())
-    groups = {g["group"]: g["items"] for g in index["groups"]}
+    groups = curation_examples(df, out)
+    by = {g["group"]: g for g in groups}
     expected = {"kept"} | {r.split(":")[0].strip() for r in df.loc[~df["kept"], "reason"]}
-    assert set(groups) == expected and index["groups"][0]["group"] == "kept"
-    for g in index["groups"]:
-        group, items = g["group"], g["items"]
-        n = int((df["kept"] if group == "kept" else df["reason"].str.split(":").str[0].str.strip() == group).sum())
-        assert g["count"] == n and len(items) == min(n, PER_GROUP), group
-        for it in items:
+    assert set(by) == expected and groups[0]["group"] == "kept"
+    for g in groups:
+        n = int((df["kept"] if g["group"] == "kept" else df["reason"].str.split(":").str[0].str.strip() == g["group"])
+                .sum())
+        assert g["count"] == n and len(g["items"]) == min(n, PER_GROUP), g["group"]
+        for it in g["items"]:
             row = df[df["id"] == it["id"]].iloc[0]
-            assert (group == "kept") == bool(row["kept"])
+            assert (g["group"] == "kept") == bool(row["kept"])
             assert it["scores"]["entropy"] == pytest.approx(row["entropy"], abs=1e-4)
-            if it["file"]:
-                with Image.open(out / "examples" / it["file"]) as im:
-                    assert max(im.size) <= 256
-    assert all(it["file"] for it in groups["kept"] + groups.get("flat", []))   # decodable: always a picture
-    assert len(list((out / "examples").glob("*.jpg"))) <= PER_GROUP * len(groups)
+            assert it["image"] is None or max(it["image"].size) <= THUMB
+    assert all(it["image"] is not None for it in by["kept"]["items"] + by["flat"]["items"])   # decodable
+    assert [it["id"] for it in curation_examples(df, out)[0]["items"]] == [it["id"] for it in by["kept"]["items"]]

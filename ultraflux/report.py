@@ -7,7 +7,8 @@ statistics' histograms), the VAE (reconstruction metrics, input vs reconstructio
 prompts, the generation metrics per aspect ratio, the diagnostics (seed Figs. 1-3), the Gemini judge, stage times.
 
 It reads only files: ``outputs/results/<stage>.json`` (what each stage returned), ``metrics/<stage>.json`` (DVC
-metrics), the loss / validation CSVs, ``outputs/curated/examples``, ``outputs/evaluate/recon``, ``outputs/samples``
+metrics), the loss / validation CSVs, the curated manifest and shards (example thumbnails; rejected ones from the
+source files), ``outputs/evaluate/recon``, ``outputs/samples``
 and ``outputs/diagnostics``. A missing part says "not run" instead of failing the report.
 """
 from __future__ import annotations
@@ -189,20 +190,22 @@ def _curation(results: dict, outputs: Path) -> str:
     counts = {k: v for k, v in cur.items() if k.startswith(("num_", "rejected_")) and isinstance(v, (int, float))}
     parts = [_kv({"quality scorer": cur.get("quality_scorer"), "aesthetic scorer": cur.get("aesthetic_scorer"),
                   **counts})]
-    examples = outputs / "curated" / "examples"
-    index = _load_json(examples / "index.json")
-    for g in index.get("groups") or []:
-        parts.append(f"<h3>{_esc(g['group'])}: {g['count']} images ({len(g['items'])} shown)</h3>")
-        for it in g["items"]:
-            scores = ", ".join(f"{k} {_fmt(v)}" for k, v in (it.get("scores") or {}).items())
-            caption = f"{_esc(it['source'])}<br>{_esc(scores)}"
-            if it.get("file"):
-                parts.append(_figure(examples / it["file"], caption, long_side=256))
-            else:
-                parts.append(f"<figure><figcaption>(no picture: {_esc(it['reason'])})<br>{caption}</figcaption>"
-                             "</figure>")
-    if not index:
-        parts.append("<p class='muted'>no example thumbnails (outputs/curated/examples)</p>")
+    manifest_path = outputs / "curated" / "manifest.parquet"
+    if manifest_path.is_file():
+        import pandas as pd
+
+        from ultraflux.data.examples import curation_examples
+
+        for g in curation_examples(pd.read_parquet(manifest_path), outputs / "curated"):
+            parts.append(f"<h3>{_esc(g['group'])}: {g['count']} images ({len(g['items'])} shown)</h3>")
+            for it in g["items"]:
+                scores = ", ".join(f"{k} {_fmt(v)}" for k, v in it["scores"].items())
+                caption = f"{_esc(it['source'])}<br>{_esc(scores)}"
+                if it["image"] is not None:
+                    parts.append(_figure(it["image"], caption, long_side=256))
+                else:
+                    parts.append(f"<figure><figcaption>(no picture: {_esc(it['reason'])})<br>{caption}"
+                                 "</figcaption></figure>")
     for png in sorted((outputs / "curated" / "plots").glob("*.png")):
         parts.append(_figure(png, _esc(png.stem), fmt="PNG", long_side=None, width=420))
     return "".join(parts)

@@ -361,12 +361,10 @@ def run_curation(params: dict, out_dir: Path, progress: bool = True) -> dict:
     if (out_dir / "images").is_dir():  # the loose-file layout of older runs
         shutil.rmtree(out_dir / "images")
 
-    from .examples import write_examples
     from .plots import write_histograms
 
     write_histograms(out_dir / "plots", manifest, (process.PLOT_BINS, patch_hist), cfg["flat_threshold"],
                      cfg["flat_max_fraction"], cfg["entropy_min"])
-    write_examples(manifest, out_dir)
     _remove_stale_cache(cache_root, {scan_dir.name, render_dir.name})
 
     metrics = summarize(manifest, used, cfg, curate)
