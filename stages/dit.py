@@ -25,8 +25,15 @@ def main(stage):
     return fn
 
 
+def weights_rope(params):
+    """Pretrained weights released with another RoPE than rope.*: refused before any work."""
+    from ultraflux.models.transformer import rope_problems
+
+    return rope_problems(params)
+
+
 if __name__ == "__main__":
     stage = sys.argv[1] if len(sys.argv) > 1 else ""
     if stage not in ("dit_stage1", "dit_stage2"):
         raise SystemExit("usage: python stages/dit.py dit_stage1|dit_stage2")
-    run_stage(stage, main(stage))
+    run_stage(stage, main(stage), checks=[weights_rope])

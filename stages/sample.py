@@ -3,7 +3,6 @@
 Decode (tiled above sample.vae_tiling_min_pixels, partitioned for official weights), offload and dtype: params.yaml's
 ``sample`` keys, applied by ``load_pipeline``.
 """
-import json
 from pathlib import Path
 
 from ultraflux.stage import run_stage
@@ -15,6 +14,7 @@ def main(params, logger):
     from ultraflux.models.transformer import load_transformer
     from ultraflux.pipelines import load_pipeline
     from ultraflux.sampling import sample_set
+    from ultraflux.io import write_json
     from ultraflux.tracking import repo_root
 
     pipe = load_pipeline(params, Path("outputs/dit_stage2/transformer"), Path("outputs/vae/vae"))
@@ -24,7 +24,7 @@ def main(params, logger):
 
         prompts = refine_prompts(prompts, params["refiner"], repo_root() / ".cache" / "refiner")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "prompts.json").write_text(json.dumps(prompts, indent=2))
+    write_json(OUT / "prompts.json", prompts)
     timing, tiled = {}, 0
     for label in ("dit_stage2", "dit_stage1"):
         if label != "dit_stage2":  # same VAE and text encoders: swap only the transformer
@@ -42,5 +42,12 @@ def main(params, logger):
             "vae_decode_partitioned": int(pipe.last_decode.get("mode") == "partitioned"), "_timing": timing}
 
 
+def weights_rope(params):
+    """Pretrained weights released with another RoPE than rope.*: refused before any work."""
+    from ultraflux.models.transformer import rope_problems
+
+    return rope_problems(params)
+
+
 if __name__ == "__main__":
-    run_stage("sample", main)
+    run_stage("sample", main, checks=[weights_rope])

@@ -113,3 +113,35 @@ def test_every_imported_module_is_a_stage_dep(graph):
             if not any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps):
                 missing.setdefault(name, []).append(rel)
     assert not missing, f"modules imported by a stage but not among its dvc.yaml deps: {missing}"
+
+
+def _requirement_names(reqs) -> set[str]:
+    import re
+
+    return {re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+
+# Imported from a source checkout the user points at, not from an installed distribution.
+FROM_A_CHECKOUT = {"artimuse": "curate.aesthetic.code_dir (the ArtiMuse repository has no package)"}
+
+
+def test_every_imported_package_is_declared():
+    """Each third-party package the library imports (anywhere, lazily too) is a dependency in pyproject.toml, or in
+    an optional extra when only an optional backend imports it."""
+    import importlib.metadata as md
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = _requirement_names(project["dependencies"])
+    optional = set().union(*(_requirement_names(v) for v in project["optional-dependencies"].values()))
+    dists = md.packages_distributions()
+    g = grimp.build_graph("ultraflux", include_external_packages=True, cache_dir=None)
+    undeclared = {}
+    for module in sorted(m for m in g.modules if "." not in m and m != "ultraflux"):
+        if module in sys.stdlib_module_names or module == "__future__" or module in FROM_A_CHECKOUT:
+            continue
+        # an optional backend that is not installed here is known by its import name (hpsv3, lpips, pyiqa)
+        names = {d.lower().replace("_", "-") for d in dists.get(module, [])} or {module.lower()}
+        if not names & (required | optional):
+            undeclared[module] = sorted(names) or ["(not installed)"]
+    assert not undeclared, f"imported by ultraflux but not declared in pyproject.toml: {undeclared}"

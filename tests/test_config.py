@@ -193,3 +193,22 @@ def test_profile_with_unknown_key_is_rejected(tmp_path):
     (tmp_path / "bad.yaml").write_text("dit_stage1:\n  learning_rate: 1.0e-6\n")
     with pytest.raises(ParamsError, match="dit_stage1.learning_rate"):
         apply_profile(tmp_path / "bad.yaml", p)
+
+
+def test_stage_refuses_official_weights_with_the_embedded_rope(tmp_path):
+    """Official UltraFlux weights (config.json with the release's RoPE keys) with rope.train_len 8: the DiT stage
+    stops before any work, naming the key."""
+    import json
+
+    copy_project(tmp_path)
+    weights = tmp_path / "UltraFlux-v1" / "transformer"
+    weights.mkdir(parents=True)
+    (weights / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", "method": "yarn",
+                                                     "ntk_factor": 1.0}))
+    params = tmp_path / "params.yaml"
+    params.write_text(params.read_text().replace('pretrained: ""', f'pretrained: "{weights.parent}"', 1))
+    proc = subprocess.run([sys.executable, "stages/dit.py", "dit_stage1"], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "DVC_ROOT": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "rope.train_len must be 64 (got 8)" in proc.stderr and "params.yaml" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()

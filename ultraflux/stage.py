@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ultraflux.config import ParamsError, get, load_validated, parse_yaml
 from ultraflux.io import sha256_file, write_json
@@ -105,13 +105,18 @@ def headline(stage: str, result: dict) -> dict:
     return out
 
 
-def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str = "params.yaml") -> dict:
-    """Validate, run ``fn(params, logger)`` inside the stage's MLflow run, write results and metrics (module doc)."""
+def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str = "params.yaml",
+              checks: Sequence[Callable[[dict], list[str]]] = ()) -> dict:
+    """Validate, run ``fn(params, logger)`` inside the stage's MLflow run, write results and metrics (module doc).
+
+    ``checks``: the stage's own cheap checks of valid params against the world (e.g. pretrained weights' RoPE),
+    each returning problems that name their keys; they run with the validation, before any work."""
     quiet_third_party()
     try:
         params = load_validated(params_path)
-        problems = unwritable(declared_outputs(stage))
-        if problems:
+        if problems := [p for check in checks for p in check(params)]:
+            raise ParamsError(problems, params_path)
+        if problems := unwritable(declared_outputs(stage)):
             raise ParamsError(problems, "dvc.yaml")
     except ParamsError as e:
         print(f"[{stage}] {e}", file=sys.stderr)

@@ -38,6 +38,19 @@ def check_model_dir(path: str | Path, rope_cfg: dict) -> None:
         check_rope(json.loads((path / "config.json").read_text()), rope_cfg, str(path / "config.json"))
 
 
+def rope_problems(params: dict) -> list[str]:
+    """For ``run_stage(checks=...)``: ``model.pretrained`` weights released with a RoPE that ``rope.*`` contradicts
+    (one problem naming the keys), checked from config.json alone, before any work."""
+    pretrained = params["model"]["pretrained"]
+    if not pretrained:
+        return []
+    try:
+        check_model_dir(pretrained, params["rope"])
+    except RopeMismatchError as e:
+        return [str(e)]
+    return []
+
+
 def swap_rope(transformer: FluxTransformer2DModel, rope_cfg: dict) -> FluxTransformer2DModel:
     transformer.pos_embed = build_pos_embed(rope_cfg, transformer.config.axes_dims_rope)
     return transformer
