@@ -91,7 +91,9 @@ def test_native_4k_pipeline(tmp_path):
         assert json.loads((repo / f"outputs/results/{stage}.json").read_text())["steps"] == 2
 
     ultraflux = Path(sys.executable).with_name("ultraflux")
-    out = sh(f"{ultraflux} generate --prompt 'a lighthouse at dusk' --size 4096x4096 --steps 2 --seed 0 "
-             f"--out {tmp_path / 'square.png'}", repo, env)
-    assert json.loads(out.strip().splitlines()[-1])["width"] == 4096
+    proc = subprocess.run([str(ultraflux), "generate", "--prompt", "a lighthouse at dusk", "--size", "4096x4096",
+                           "--steps", "2", "--seed", "0", "--out", str(tmp_path / "square.png")], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["width"] == 4096
     assert Image.open(tmp_path / "square.png").size == (4096, 4096)

@@ -42,9 +42,7 @@ def _crop_pair(x, r) -> Image.Image:
 
 def vae_table(params: dict, manifest: pd.DataFrame, curated_dir: Path, vae_dir: Path, recon_dir: Path) -> dict:
     """Reconstruction of the held-out curated images at their bucket size (Table 2 columns)."""
-    import torch
-
-    from ultraflux.evaluation.reconstruction import reconstruct, reconstruction_metrics
+    from ultraflux.evaluation.reconstruction import reconstruction_metrics
     from ultraflux.models.vae import build_vae
 
     rows = manifest[manifest["kept"] & (manifest["split"] == "holdout")]
@@ -54,12 +52,13 @@ def vae_table(params: dict, manifest: pd.DataFrame, curated_dir: Path, vae_dir: 
     rows = bounded(rows, params["evaluate"]["max_images"])
     vae = build_vae({**params["model"], "vae_pretrained": str(vae_dir)}).eval()
     records = rows.to_dict("records")
-    table = reconstruction_metrics(vae, (load_image_tensor(curated_dir, r) for r in records))
     recon_dir.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        for r in records[:RECON_EXAMPLES]:
-            x = load_image_tensor(curated_dir, r)
-            _crop_pair(x, reconstruct(vae, x[None])[0]).save(recon_dir / f"{r['id']}.png")
+
+    def keep_example(i, x, r):   # the first few, from the same pass that measures them
+        if i < RECON_EXAMPLES:
+            _crop_pair(x.float().cpu(), r.float().cpu()).save(recon_dir / f"{records[i]['id']}.png")
+
+    table = reconstruction_metrics(vae, (load_image_tensor(curated_dir, r) for r in records), keep_example)
     return {**table, "rfid": not_computed("rfid"), "lpips": not_computed("lpips"), "split": split,
             "num_images": int(len(rows))}
 

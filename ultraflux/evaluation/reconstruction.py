@@ -18,19 +18,28 @@ def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
     return vae.decode(z).sample
 
 
+def image_metrics(x: torch.Tensor, r: torch.Tensor) -> dict[str, float]:
+    """PSNR / SSIM / NMSE of one reconstruction ``r`` of ``x`` (both [1, 3, H, W] in [-1, 1])."""
+    r = r.clamp(-1, 1)
+    a, b = (x + 1) / 2, (r + 1) / 2
+    return {"psnr": float(peak_signal_noise_ratio(b, a, data_range=1.0)),
+            "ssim": float(structural_similarity_index_measure(b, a, data_range=1.0)),
+            "nmse": float(((r - x) ** 2).sum() / (x ** 2).sum().clamp_min(1e-12))}
+
+
 @torch.no_grad()
-def reconstruction_metrics(vae, images: Iterable[torch.Tensor]) -> dict[str, float]:
-    """PSNR / SSIM / NMSE averaged over ``images`` (any iterable: a list, or a generator that streams them)."""
+def reconstruction_metrics(vae, images: Iterable[torch.Tensor], on_image=None) -> dict[str, float]:
+    """PSNR / SSIM / NMSE averaged over ``images`` (any iterable: a list, or a generator that streams them).
+
+    ``on_image(i, x, r)`` sees each input and its reconstruction ([3, H, W] in [-1, 1]), e.g. to keep examples."""
     param = next(vae.parameters())
-    psnr = ssim = nmse = 0.0
+    sums = {"psnr": 0.0, "ssim": 0.0, "nmse": 0.0}
     n = 0
-    for x in images:
+    for n, x in enumerate(images, 1):
         x = x[None].to(param.device, param.dtype)
-        r = reconstruct(vae, x).clamp(-1, 1)
-        a, b = (x + 1) / 2, (r + 1) / 2
-        psnr += float(peak_signal_noise_ratio(b, a, data_range=1.0))
-        ssim += float(structural_similarity_index_measure(b, a, data_range=1.0))
-        nmse += float(((r - x) ** 2).sum() / (x ** 2).sum().clamp_min(1e-12))
-        n += 1
-    n = max(1, n)
-    return {"psnr": psnr / n, "ssim": ssim / n, "nmse": nmse / n}
+        r = reconstruct(vae, x)
+        for k, v in image_metrics(x, r).items():
+            sums[k] += v
+        if on_image is not None:
+            on_image(n - 1, x[0], r[0])
+    return {k: v / max(1, n) for k, v in sums.items()}
