@@ -17,35 +17,13 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from common import peak_rss_growth
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _peak_during(fn):
-    """(result, peak RSS growth in bytes while fn runs), polled every 5 ms."""
-    import psutil
-
-    proc = psutil.Process()
-    base, peak, stop = proc.memory_info().rss, [0], [False]
-
-    def poll():
-        while not stop[0]:
-            peak[0] = max(peak[0], proc.memory_info().rss - base)
-            time.sleep(0.005)
-
-    t = threading.Thread(target=poll, daemon=True)
-    t.start()
-    try:
-        out = fn()
-    finally:
-        stop[0] = True
-        t.join()
-    return out, peak[0]
 
 
 def child(args) -> None:
@@ -62,7 +40,7 @@ def child(args) -> None:
     decode, decode_peak = pipe.vae.decode, {}
 
     def measured_decode(*a, **k):
-        out, decode_peak["bytes"] = _peak_during(lambda: decode(*a, **k))
+        out, _, decode_peak["bytes"] = peak_rss_growth(lambda: decode(*a, **k))
         return out
 
     pipe.vae.decode = measured_decode

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
-import time
 from pathlib import Path
 
 import torch
-from common import timed
+from common import peak_rss_growth, timed
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
@@ -56,28 +54,6 @@ def img_ids(h: int, w: int) -> torch.Tensor:
     return torch.stack([torch.zeros(h * w), hh.flatten().float(), ww.flatten().float()], dim=-1)
 
 
-def peak_rss_growth(fn) -> tuple[float, int]:
-    """(seconds, peak RSS growth in bytes) of one call of ``fn``, RSS polled every 2 ms."""
-    import psutil
-
-    proc = psutil.Process()
-    base, peak, stop = proc.memory_info().rss, [0], [False]
-
-    def poll():
-        while not stop[0]:
-            peak[0] = max(peak[0], proc.memory_info().rss - base)
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    t = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - t
-    stop[0] = True
-    thread.join()
-    return seconds, peak[0]
-
-
 def bench_decode(model_cfg: dict, px: int, reps: int) -> None:
     vae = build_vae(model_cfg).eval()
     z = torch.randn(1, 16, px // 16, px // 16, generator=torch.Generator().manual_seed(0))
@@ -86,7 +62,7 @@ def bench_decode(model_cfg: dict, px: int, reps: int) -> None:
         for i in range(reps):                            # ABBA order
             for mode in (("plain", "partitioned") if i % 2 == 0 else ("partitioned", "plain")):
                 vae.set_decode_mode(mode)
-                runs[mode].append(peak_rss_growth(lambda: vae.decode(z)))
+                runs[mode].append(peak_rss_growth(lambda: vae.decode(z))[1:])
     c0 = vae.decoder.conv_out.in_channels
     for mode, r in runs.items():
         print(f"[vae decode {px}x{px}]  {mode:11s} {statistics.median(s for s, _ in r):7.2f} s   peak RSS growth "
