@@ -13,6 +13,7 @@ import os
 import subprocess
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +165,30 @@ def test_parse_queue_status_and_failure_reason():
     assert "RuntimeError: boom" in dvc_queue.reason_from_log("Traceback...\n  File x\nRuntimeError: boom\n")
 
 
+def test_queue_status_retries_dvc_s_transient_failures(monkeypatch):
+    """DVC's `queue status` fails now and then while a worker rewrites a task's state; the driver asks again."""
+    calls = []
+    ok = "Task     Name         Created    Status\n1475cdd  co-design-A  09:37 AM   Running\n"
+
+    def fake_dvc(args, cwd, check=True, timeout=600):
+        calls.append(check)
+        if len(calls) < 3:
+            if check:
+                raise dvc_queue.DvcError("dvc queue status failed")
+            return subprocess.CompletedProcess(args, 255, "", "ERROR: unexpected error - Expecting value")
+        return subprocess.CompletedProcess(args, 0, ok, "")
+
+    monkeypatch.setattr(dvc_queue, "_dvc", fake_dvc)
+    monkeypatch.setattr(dvc_queue.time, "sleep", lambda s: None)
+    assert dvc_queue.queue_status(Path(".")) == {"1475cdd": ("co-design-A", "Running")}
+    assert calls == [False, False, False]
+    calls.clear()
+    monkeypatch.setattr(dvc_queue, "_dvc", lambda args, cwd, check=True, timeout=600: (_ for _ in ()).throw(
+        dvc_queue.DvcError("still failing")) if check else subprocess.CompletedProcess(args, 255, "", "x"))
+    with pytest.raises(dvc_queue.DvcError):
+        dvc_queue.queue_status(Path("."))
+
+
 def test_manifest_sha256_through_the_dvc_api(tmp_path):
     """The manifest of a commit is read through dvc.api (not DVC's cache layout)."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
@@ -196,6 +221,7 @@ def sh(cmd, cwd, env, timeout=900, ok=(0,)):
 
 TINY = {  # a reduced profile: the grid's mechanics, not its numbers, are under test here
     ("data", "synthetic", "num_images"): 24, ("data", "synthetic", "long_side"): 512,
+    ("curate", "min_train_images"): 2,   # 24 generated images leave 3 to train on in cell D (the guard's default: 4)
     ("vae_train", "steps"): 2, ("vae_train", "resolution"): 64, ("vae_train", "eval_every"): 2,
     ("dit_stage1", "steps"): 2, ("dit_stage1", "checkpoint_every"): 2,
     ("dit_stage2", "steps"): 2, ("dit_stage2", "checkpoint_every"): 2,

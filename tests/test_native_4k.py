@@ -64,7 +64,8 @@ def test_native_4k_pipeline(tmp_path):
     params["sample"]["aspects"] = ["16:9"]
     params["sample"]["prompts"] = params["sample"]["prompts"][:1]
     params["sample"]["num_inference_steps"] = 2
-    params["evaluate"]["max_images"] = 2
+    params["evaluate"]["max_images"] = 1
+    params["diagnostics"]["max_latents"] = 1
     with open(repo / "params.yaml", "w") as fh:
         yaml.dump(params, fh)
     env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "MLFLOW_TRACKING_URI")}

@@ -67,8 +67,24 @@ def parse_queue_status(text: str) -> tuple[dict[str, tuple[str, str]], int]:
     return rows, (int(w.group(1)) + int(w.group(2))) if w else -1
 
 
+def _dvc_read(args: list[str], repo: Path, attempts: int = 5, pause: float = 2.0,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """A read-only dvc command, retried: DVC itself fails now and then while a queue worker rewrites a task's state
+    file ("unexpected error - Expecting value"); the last attempt's failure raises DvcError."""
+    for attempt in range(attempts):
+        proc = _dvc(args, repo, check=attempt == attempts - 1, timeout=timeout)
+        if proc.returncode == 0:
+            return proc
+        time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def read_queue_status(repo: Path) -> tuple[dict[str, tuple[str, str]], int]:
+    return parse_queue_status(_dvc_read(["queue", "status"], repo).stdout)
+
+
 def queue_status(repo: Path) -> dict[str, tuple[str, str]]:
-    return parse_queue_status(_dvc(["queue", "status"], repo).stdout)[0]
+    return read_queue_status(repo)[0]
 
 
 def start_workers(repo: Path, jobs: int) -> None:
@@ -84,7 +100,7 @@ def start_workers(repo: Path, jobs: int) -> None:
 
 
 def exp_show(repo: Path) -> list[dict]:
-    return json.loads(_dvc(["exp", "show", "--json"], repo, timeout=900).stdout)
+    return json.loads(_dvc_read(["exp", "show", "--json"], repo, timeout=900).stdout)
 
 
 def experiments(show: list[dict], baseline: str) -> list[dict]:
@@ -142,7 +158,7 @@ def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int
     workers are started."""
     t0, last, idle_polls = time.time(), None, 0
     while True:
-        st, workers = parse_queue_status(_dvc(["queue", "status"], repo).stdout)
+        st, workers = read_queue_status(repo)
         states = {L: st.get(t, ("", "missing"))[1] for L, t in ids.items()}
         idle_polls = idle_polls + 1 if workers == 0 and "Queued" in states.values() else 0
         if idle_polls >= 3:
