@@ -58,7 +58,6 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
 # --------------------------------------------------------------------------------------------- frozen encoders
 @dataclass
 class Encoders:
