@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from ultraflux.io import atomic_path, sha256_file, sha256_json
 from ultraflux.losses import dit_loss
-from ultraflux.training.cache import STORE_DTYPES, build_cache, load_encoders
+from ultraflux.training.cache import build_cache, load_encoders
 from ultraflux.training.checkpoint import Checkpointer, TrainState
-from ultraflux.training.flow import GUIDANCE_TRAIN, predict_velocity, sample_sigmas  # noqa: F401 (re-export)
+from ultraflux.training.flow import predict_velocity, sample_sigmas
 from ultraflux.training.memory import gradient_checkpointing, peak_memory
 from ultraflux.training.sampler import BucketBatchSampler
 from ultraflux.training.validation import VAL_COLUMNS, sample_images, validate
