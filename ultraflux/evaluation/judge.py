@@ -457,7 +457,7 @@ def judge_pairs(pairs: list[dict], cfg: dict, cache_dir: Path | None, out_dir: P
     model = str(c["model"])
     key = env_key("GEMINI_API_KEY", "GOOGLE_API_KEY")
     if key is None:
-        log.warning("judge: no GEMINI_API_KEY set; skipping the Gemini preference evaluation (%d pairs)", len(pairs))
+        log.info("judge: no GEMINI_API_KEY set; skipping the Gemini preference evaluation (%d pairs)", len(pairs))
         summary = summarize([], model, status=SKIPPED_NO_KEY)
         summary["pairs"] = len(pairs)
         if out_dir is not None:
