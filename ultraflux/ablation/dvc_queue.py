@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ultraflux.codesign import cell_sets, exp_name
+from ultraflux.io import atomic_write_text
 
 MANIFEST = "outputs/curated/manifest.parquet"
 VAL_CURVES = {"dit_stage1": "outputs/dit_stage1/val_loss.csv", "dit_stage2": "outputs/dit_stage2/val_loss.csv"}
@@ -241,7 +242,7 @@ def collect(repo: Path, ids: dict[str, str], states: dict[str, str], suffix: str
         elif state == "Failed":
             reason, log_text = failure_reason(repo, task)
             (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-            (out_dir / "logs" / f"{name}.log").write_text(log_text)
+            atomic_write_text(out_dir / "logs" / f"{name}.log", log_text)
             res.update(status="failed", reason=reason)
         elif state in ("Queued", "Running"):
             res.update(status="timed out", reason=f"still {state.lower()} when --timeout passed; killed")

@@ -1,7 +1,6 @@
 """``run_ablation``: queue the co-design cells, run them, collect, summarise, log (see the package docstring)."""
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 from ultraflux.ablation import dvc_queue
 from ultraflux.codesign import LETTERS, exp_name
 from ultraflux.ablation.table import write_summary
+from ultraflux.io import write_json
 
 
 def run_ablation(repo: Path, jobs: int = 1, timeout: float = 7200, poll: float = 10, out: str = "outputs/ablation",
@@ -53,7 +53,7 @@ def run_ablation(repo: Path, jobs: int = 1, timeout: float = 7200, poll: float =
     shutil.rmtree(out_dir / "logs", ignore_errors=True)  # failure logs of an earlier invocation
     results = dvc_queue.collect(repo, ids, states, suffix, baseline, out_dir)
     rows, paths = write_summary(results, out_dir)
-    (out_dir / "timing.json").write_text(json.dumps({"wall_time_s": round(wall, 1), "jobs": jobs}) + "\n")
+    write_json(out_dir / "timing.json", {"wall_time_s": round(wall, 1), "jobs": jobs})
     paths["timing"] = out_dir / "timing.json"
     if mlflow:
         from ultraflux.ablation.mlflow_log import log_to_mlflow

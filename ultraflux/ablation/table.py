@@ -9,12 +9,12 @@ val_loss), ...]}. FID and HPSv3 are numbers only when their weights were configu
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from ultraflux.codesign import CELLS, DATASETS, LETTERS, MODEL_LABELS, PAPER, ROLES
+from ultraflux.io import atomic_write_text, write_json
 from ultraflux.tracking import flatten
 
 LEARNED = {"fid": "evaluate.fid_inception_weights", "hpsv3": "evaluate.hpsv3_weights"}  # metric -> weights key
@@ -198,10 +198,9 @@ def write_summary(results: dict[str, dict], out_dir: Path) -> tuple[list[dict], 
     paths = {"csv": out_dir / "table1.csv", "md": out_dir / "table1.md", "png": out_dir / "table1.png",
              "json": out_dir / "summary.json"}
     to_csv(rows, paths["csv"])
-    paths["md"].write_text(to_markdown(rows))
+    atomic_write_text(paths["md"], to_markdown(rows))
     plot(rows, paths["png"])
     if plot_val_curves(results, out_dir / "val_loss.png"):
         paths["val_png"] = out_dir / "val_loss.png"
-    paths["json"].write_text(json.dumps({"rows": rows, "results": results}, indent=2, sort_keys=True, default=str)
-                             + "\n")
+    write_json(paths["json"], {"rows": rows, "results": results})
     return rows, paths

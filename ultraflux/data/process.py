@@ -24,7 +24,6 @@ a killed worker left behind are swept at the start of the next run (:func:`sweep
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ultraflux.io import atomic_path
+from ultraflux.io import atomic_write_bytes, sha256_bytes, sha256_json, sha256_text
 
 from . import scorers
 from .buckets import bucket_table
@@ -55,7 +54,7 @@ use torch's antialiased bicubic on uint8 (Pillow's filter to +-1 level; 28.9 / 3
 
 
 def _hash(material: dict) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:12]
+    return sha256_json(material)[:12]
 
 
 def scan_fingerprint(cfg: dict) -> str:
@@ -90,17 +89,12 @@ def sweep_temporary(directory: str | Path) -> int:
     return removed
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def read_source(path: str) -> tuple[bytes | None, str, str]:
     """(bytes or None, id, error) for one source path; errors are stable strings (no address, no path)."""
     p = Path(path)
     try:
         if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block the worker; sockets, devices: no image
-            return None, hashlib.sha256(f"missing:{path}".encode()).hexdigest()[:16], "unreadable: not a regular file"
+            return None, sha256_text(f"missing:{path}")[:16], "unreadable: not a regular file"
         data = p.read_bytes()
     except OSError as err:
         if p.is_symlink() and not p.exists():
@@ -113,8 +107,8 @@ def read_source(path: str) -> tuple[bytes | None, str, str]:
             detail = "is a directory"
         else:
             detail = f"{type(err).__name__}: {err.strerror or 'read failed'}"
-        return None, hashlib.sha256(f"missing:{path}".encode()).hexdigest()[:16], f"unreadable: {detail}"
-    return data, hashlib.sha256(data).hexdigest()[:16], ""
+        return None, sha256_text(f"missing:{path}")[:16], f"unreadable: {detail}"
+    return data, sha256_bytes(data)[:16], ""
 
 
 # ---------------------------------------------------------------------------------------------------- pass 1
@@ -217,7 +211,7 @@ def scan_one(task: dict) -> dict:
         out = summarize_record({"id": image_id, "error": f"failed: {type(err).__name__}: {err}"}, cfg)
         return out | {"cache_hit": False}
     if not hit:
-        _write_atomic(path, json.dumps(rec).encode())
+        atomic_write_bytes(path, json.dumps(rec).encode())
     return summarize_record(rec, cfg) | {"cache_hit": hit}
 
 
@@ -319,7 +313,7 @@ def render_one(task: dict) -> dict:
         return {"id": task["id"], "error": bad.reason, "cache_hit": False}
     except Exception as err:  # one image never kills the run
         return {"id": task["id"], "error": f"failed: {type(err).__name__}: {err}", "cache_hit": False}
-    _write_atomic(path, out)
+    atomic_write_bytes(path, out)
     return {"id": task["id"], "error": "", "cache_hit": False}
 
 

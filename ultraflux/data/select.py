@@ -31,11 +31,12 @@ Every row gets exactly one ``reason`` ("" = kept): the FIRST failing check in th
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 import pandas as pd
+
+from ultraflux.io import sha256_text
 
 
 def ceil_count(fraction: float, n: int) -> int:
@@ -52,7 +53,7 @@ def top_ids(frame: pd.DataFrame, column: str, fraction: float) -> set[str]:
 
 def hash_unit(seed: int, image_id: str, salt: str = "split") -> float:
     """A deterministic number in [0, 1) from seed and id."""
-    return int(hashlib.sha256(f"{salt}:{seed}:{image_id}".encode()).hexdigest()[:16], 16) / 2**64
+    return int(sha256_text(f"{salt}:{seed}:{image_id}")[:16], 16) / 2**64
 
 
 def assign_reasons(rows: pd.DataFrame, curate: dict, variant: str, quality_learned: bool) -> dict:

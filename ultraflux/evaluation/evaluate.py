@@ -7,7 +7,6 @@ A few held-out images are also saved as input | reconstruction crops for the rep
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from PIL import Image
 
 from ultraflux.data.shards import load_image_tensor, open_image
 from ultraflux.evaluation.metrics import build_reference, generation_metrics, not_computed
+from ultraflux.io import sha256_text
 
 RECON_EXAMPLES = 4       # held-out images shown as input | reconstruction in the report
 RECON_CROP = 256         # px, the centre crop shown
@@ -26,7 +26,7 @@ def bounded(rows: pd.DataFrame, n: int) -> pd.DataFrame:
     """At most ``n`` rows, the same ones whatever the order of the manifest (smallest sha256 of the id)."""
     if len(rows) <= n:
         return rows.sort_values("id")
-    key = rows["id"].map(lambda i: hashlib.sha256(i.encode()).hexdigest())
+    key = rows["id"].map(sha256_text)
     return rows.assign(_k=key).sort_values("_k").head(n).drop(columns="_k").sort_values("id")
 
 
