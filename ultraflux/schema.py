@@ -91,6 +91,14 @@ class Aesthetic(Section):                                # seed Sec. 2.1 (ArtiMu
         return self
 
 
+def _ordered(section: BaseModel, low: str, high: str) -> BaseModel:
+    """``section`` when ``section.low <= section.high``, else an error naming both keys."""
+    a, b = getattr(section, low), getattr(section, high)
+    if a > b:
+        raise ValueError(f"{low} ({a}) must not exceed {high} ({b})")
+    return section
+
+
 class Buckets(Section):                                  # seed Sec. 2.2 "bucketed resolution scheme"
     scale: PosFloat                                      # 1.0 = the 4K table
     aspects: Annotated[list[Aspect], Field(min_length=1)]
@@ -182,9 +190,7 @@ class Loss(Section):                                     # seed Table 3 "DiT obj
 
     @model_validator(mode="after")
     def _order(self):
-        if self.c_min > self.c_max:
-            raise ValueError(f"c_min ({self.c_min}) must not exceed c_max ({self.c_max})")
-        return self
+        return _ordered(self, "c_min", "c_max")
 
 
 class VaeTrain(Section):                                 # seed Sec. 2.2 "VAE Training", Table 3 "F16 VAE post-training"
@@ -244,9 +250,7 @@ class DitStage(Section):                                 # seed Sec. 2.2 "DiT Tr
 
     @model_validator(mode="after")
     def _range(self):
-        if self.t_min > self.t_max:
-            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
-        return self
+        return _ordered(self, "t_min", "t_max")
 
 
 class Sample(Section):
@@ -310,9 +314,7 @@ class Refiner(Backoff):                                  # seed Sec. 12: GPT-4o,
 
     @model_validator(mode="after")
     def _words(self):
-        if self.min_words > self.max_words:
-            raise ValueError(f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})")
-        return self
+        return _ordered(self, "min_words", "max_words")
 
 
 class Params(Section):

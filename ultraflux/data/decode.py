@@ -197,6 +197,19 @@ def _as_array(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _rgb_array(img: Image.Image, convert) -> np.ndarray:
+    """``convert(img)`` as an [H, W, 3] uint8 array; any failure is a :class:`BadImage` with a stable reason."""
+    try:
+        out = _as_array(convert(img))
+    except BadImage:
+        raise
+    except Exception as err:
+        raise BadImage(_reason(err)) from None
+    if out.ndim != 3 or out.shape[2] != 3:
+        raise BadImage(f"unreadable: unexpected decoded array {out.shape}")
+    return out
+
+
 def decode_gray(data: bytes, header: Header, gray: str = "luma",
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
     """``(gray, rgb_or_None)`` of the stored pixels; ``rgb`` is returned when a colour decode was needed anyway."""
@@ -205,15 +218,7 @@ def decode_gray(data: bytes, header: Header, gray: str = "luma",
             return _cv_decode(data, cv2.IMREAD_GRAYSCALE, max_pixels), None
         rgb = _cv_decode(data, cv2.IMREAD_COLOR_RGB, max_pixels)
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), rgb
-    img = _pillow_load(data, max_pixels)
-    try:
-        rgb = _as_array(_stats_rgb(img))
-    except BadImage:
-        raise
-    except Exception as err:
-        raise BadImage(_reason(err)) from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise BadImage(f"unreadable: unexpected decoded array {rgb.shape}")
+    rgb = _rgb_array(_pillow_load(data, max_pixels), _stats_rgb)
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), rgb
 
 
@@ -281,15 +286,7 @@ def decode_rgb(data: bytes, header: Header | None = None, reduce: int = 1, max_p
         if not bgr:
             out = cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
     else:
-        img = _pillow_load(data, max_pixels)
-        try:
-            out = _as_array(to_rgb(img))
-        except BadImage:
-            raise
-        except Exception as err:
-            raise BadImage(_reason(err)) from None
-        if out.ndim != 3 or out.shape[2] != 3:
-            raise BadImage(f"unreadable: unexpected decoded array {out.shape}")
+        out = _rgb_array(_pillow_load(data, max_pixels), to_rgb)
         if reduce > 1:
             out = cv2.resize(out, (-(-out.shape[1] // reduce), -(-out.shape[0] // reduce)),
                              interpolation=cv2.INTER_AREA)
