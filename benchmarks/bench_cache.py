@@ -121,7 +121,7 @@ def main() -> None:
     build_vae(params["model"], seed=params["seed"]).save_pretrained(tmp / "vae")
     sizes = [args.n, args.n * args.factor]
     steps = sizes[-1] // args.batch                        # one epoch of the larger set, the same for both
-    stage = {**params["dit_stage1"], "steps": steps, "batch_size": args.batch, "grad_accum": 1,
+    stage = {**params["dit_stage1"], "steps": steps, "batch_size": args.batch, "global_batch": args.batch,
              "checkpoint_every": steps, "val_every": steps}
     cache_cfg = {**params["latent_cache"], "num_workers": args.workers}
     params = {**params, "dit_stage1": stage, "latent_cache": cache_cfg, "validation": {**params["validation"],

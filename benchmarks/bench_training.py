@@ -150,9 +150,7 @@ def tiny(reps: int, aspect: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ full (GPU)
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
+from ultraflux.plan import FLUX_DEV  # noqa: E402  (FLUX.1-dev transformer config)
 
 
 def model_flops_per_sample(matmul_params: int, seq: int, blocks: int, hidden: int) -> float:

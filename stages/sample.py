@@ -1,8 +1,10 @@
 """DVC stage `sample`: the prompt list x aspect ratios, with the stage-2 and the stage-1 model (for the judge).
 
 Decode (tiled above sample.vae_tiling_min_pixels, partitioned for official weights), offload and dtype: params.yaml's
-``sample`` keys, applied by ``load_pipeline``.
+``sample`` keys, applied by ``load_pipeline``. On several processes (``python -m ultraflux.launch sample``) the
+images are split over them (``ultraflux.sampling.sample_set``); rank 0 refines the prompts and writes prompts.json.
 """
+import json
 from pathlib import Path
 
 from ultraflux.stage import run_stage
@@ -11,20 +13,25 @@ OUT = Path("outputs/samples")
 
 
 def main(params, logger):
+    from ultraflux import distributed
     from ultraflux.models.transformer import load_transformer
     from ultraflux.pipelines import load_pipeline
     from ultraflux.sampling import sample_set
     from ultraflux.io import write_json
     from ultraflux.tracking import repo_root
 
+    distributed.process_state()   # joins the process group and picks this process' GPU before the pipeline loads
     pipe = load_pipeline(params, Path("outputs/dit_stage2/transformer"), Path("outputs/vae/vae"))
     prompts = list(params["sample"]["prompts"])
-    if params["sample"]["refine_prompts"]:
-        from ultraflux.evaluation.refiner import refine_prompts
+    if distributed.is_main():
+        if params["sample"]["refine_prompts"]:
+            from ultraflux.evaluation.refiner import refine_prompts
 
-        prompts = refine_prompts(prompts, params["refiner"], repo_root() / ".cache" / "refiner")
-    OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / "prompts.json", prompts)
+            prompts = refine_prompts(prompts, params["refiner"], repo_root() / ".cache" / "refiner")
+        OUT.mkdir(parents=True, exist_ok=True)
+        write_json(OUT / "prompts.json", prompts)
+    distributed.barrier()
+    prompts = json.loads((OUT / "prompts.json").read_text())
     timing, tiled = {}, 0
     for label in ("dit_stage2", "dit_stage1"):
         if label != "dit_stage2":  # same VAE and text encoders: swap only the transformer

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from ultraflux.config import ParamsError, apply_profile, load_params, validate
+from ultraflux.training.layout import stage_layout
 from conftest import ROOT, copy_project
 
 
@@ -161,7 +162,7 @@ def test_paper_profile_matches_seed(tmp_path):
     for stage, steps in (("dit_stage1", 30000), ("dit_stage2", 2000)):
         cfg = paper[stage]
         assert cfg["lr"] == 1e-6 and cfg["steps"] == steps
-        assert cfg["batch_size"] * cfg["grad_accum"] * 8 == 64  # 8 GPUs (seed Sec. 2.2)
+        assert cfg["global_batch"] == 64 and stage_layout(cfg, stage, 8) == (1, 8)  # 1 x 8 GPUs x 8 (seed Sec. 2.2)
     # Table 3 curriculum timestep ranges and stage-2 aesthetic subset.
     assert (paper["dit_stage1"]["t_min"], paper["dit_stage1"]["t_max"]) == (0, 999)
     assert (paper["dit_stage2"]["t_min"], paper["dit_stage2"]["t_max"]) == (0, 459)
@@ -171,7 +172,8 @@ def test_paper_profile_matches_seed(tmp_path):
     assert paper["curate"]["entropy_min"] == 7.0 and paper["curate"]["quality"]["threshold"] == 4.0
     # Table 3 VAE post-training: 512x512, 384 images/step (8 GPUs), AdamW 1e-4 / 1e-2, weights (0.2, 0.1, 1).
     v = paper["vae_train"]
-    assert v["resolution"] == 512 and v["batch_size"] * v["grad_accum"] * 8 == 384
+    assert v["resolution"] == 512 and v["global_batch"] == 384 and stage_layout(v, "vae_train", 8) == (48, 1)
+    assert paper["launch"]["processes"] == 8 and "zero2" in paper["launch"]["config"]
     assert (v["lr"], v["weight_decay"]) == (1e-4, 1e-2)
     assert (v["lambda_vae"], v["lambda_perc"], v["lambda_l2"]) == (0.2, 0.1, 1.0)
     assert v["flat_top_fraction"] == 0.5

@@ -60,7 +60,7 @@ def test_native_4k_pipeline(tmp_path):
     v = params["vae_train"]
     v["steps"], v["resolution"], v["batch_size"], v["eval_every"], v["checkpoint_every"] = 1, 128, 1, 1, 1
     for stage in ("dit_stage1", "dit_stage2"):
-        params[stage]["steps"], params[stage]["grad_accum"], params[stage]["checkpoint_every"] = 2, 1, 2
+        params[stage]["steps"], params[stage]["global_batch"], params[stage]["checkpoint_every"] = 2, 1, 2
     params["sample"]["aspects"] = ["16:9"]
     params["sample"]["prompts"] = params["sample"]["prompts"][:1]
     params["sample"]["num_inference_steps"] = 2

@@ -3,7 +3,7 @@
 Checks: the latent cache is built by both ranks, each encoding its own share of the images; each rank trains on its
 own shard (disjoint image indices, one bucket per step, equal counts) read through its DataLoader, both ranks end
 with identical weights, the loss and validation curves match a one-process run with the same global batches
-(batch_size x processes x grad_accum), and a ZeRO-2 checkpoint (per-rank optimizer shards) resumes to the same
+(global_batch = batch_size x processes x grad_accum), and a ZeRO-2 checkpoint (per-rank optimizer shards) resumes to the same
 final weights.
 """
 import json
@@ -37,9 +37,9 @@ def launch(job_path, nproc=2, timeout=400):
 def test_deepspeed_zero2_two_cpu_processes(tiny_set):
     base, d = tiny_set
     lr = base["dit_stage1"]["lr"]
-    two = dict(steps=STEPS, batch_size=1, grad_accum=ACCUM, checkpoint_every=2, keep_checkpoints=2, val_every=2)
+    two = dict(steps=STEPS, batch_size=1, global_batch=2 * ACCUM, checkpoint_every=2, keep_checkpoints=2, val_every=2)
     base = {**base, "latent_cache": {**base["latent_cache"], "shard_size": 3, "encode_batch_size": 2}}
-    # The 1-process reference (batch 2 = 1 x 2 processes, same grad_accum) runs beside the 2-process launch, each
+    # The 1-process reference (micro-batch 2 = 1 x 2 processes, same grad_accum) runs beside the 2-process launch, each
     # with its own, empty latent cache.
     one = subprocess.Popen([sys.executable, str(WORKER), str(job(d, "single", tiny_params(base, **{**two, "batch_size": 2}),
                                                                   record=str(d / "single" / "rec"),

@@ -45,7 +45,7 @@ def published(ckpt: Path) -> list[int]:
 
 def test_sigkill_mid_training_then_rerun_gives_identical_weights(tiny_set):
     base, d = tiny_set
-    params = tiny_params(base, steps=12, batch_size=1, grad_accum=2, checkpoint_every=3, keep_checkpoints=2,
+    params = tiny_params(base, steps=12, batch_size=1, global_batch=2, checkpoint_every=3, keep_checkpoints=2,
                          val_every=4)
     ref = subprocess.Popen([sys.executable, str(WORKER), str(job(d, "ref", params, log=str(d / "ref.jsonl")))], env=ENV,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

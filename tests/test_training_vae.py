@@ -23,7 +23,7 @@ def base():
     from ultraflux.config import load_params
 
     p = load_params(ROOT / "params.yaml")
-    p["vae_train"].update(resolution=64, batch_size=2, grad_accum=1, eval_every=2)
+    p["vae_train"].update(resolution=64, batch_size=2, global_batch=2, eval_every=2)
     return p
 
 

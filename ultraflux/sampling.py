@@ -5,6 +5,11 @@ Image sizes come from the aspect-ratio bucket table at ``curate.buckets.scale`` 
 How the VAE decodes (tiled above ``sample.vae_tiling_min_pixels``, partitioned for the official weights) and where the
 pipeline runs (``sample.offload``, ``sample.dtype``) are params.yaml's ``sample`` keys, applied by
 ``ultraflux.pipelines.load_pipeline``; ``generate`` and ``sample_set`` report what each image used.
+
+On several processes (``accelerate launch``, ``ultraflux.distributed``) the (aspect, prompt) jobs are split
+round-robin; each process writes its images (one filesystem), rank 0 gathers what they measured, draws the grids
+from the written files and counts every process' images in its progress bar. The seed of an image depends only on
+its prompt, so the files are byte-identical to a one-process run on the same device type.
 """
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
+from ultraflux import distributed
 from ultraflux.data.buckets import bucket_table
 from ultraflux.io import atomic_path
 
@@ -55,29 +60,37 @@ def generate(pipe, prompt: str, width: int, height: int, steps: int, guidance: f
                 generator=gen, max_sequence_length=min(512, max_len)).images[0]
 
 
+def sample_path(out_dir: Path, aspect: str, i: int) -> Path:
+    return out_dir / aspect.replace(":", "x") / f"{i:03d}.png"
+
+
 def sample_set(params: dict, pipe, prompts: list[str], out_dir: Path, progress: bool = True) -> dict:
     """Write ``out_dir/<aspect>/<i>.png`` and ``out_dir/grid_<aspect>.png``; returns seconds per image by aspect and
-    ``vae_tiled_images`` (how many images the VAE decoded tiled)."""
-    cfg, seconds, tiled = params["sample"], {}, 0
+    ``vae_tiled_images`` (how many images the VAE decoded tiled). Collective on several processes (module doc)."""
+    cfg = params["sample"]
     jobs = [(a, i, p) for a in cfg["aspects"] for i, p in enumerate(prompts)]
-    bar = tqdm(jobs, desc=f"sample {out_dir.name}", disable=not progress)
-    by_aspect: dict[str, list[Image.Image]] = {}
-    for aspect, i, prompt in bar:
+    done = []
+    for aspect, i, prompt in distributed.progress(jobs, f"sample {out_dir.name}", progress):
         w, h = image_size(params, aspect)
         t0 = time.perf_counter()
         img = generate(pipe, prompt, w, h, cfg["num_inference_steps"], cfg["guidance_scale"], params["seed"] + i)
-        seconds.setdefault(aspect, []).append(time.perf_counter() - t0)
-        tiled += int(pipe.last_decode.get("tiled", False))
-        path = out_dir / aspect.replace(":", "x") / f"{i:03d}.png"
+        seconds = time.perf_counter() - t0
+        path = sample_path(out_dir, aspect, i)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, ".png") as tmp:
             img.save(tmp)
-        by_aspect.setdefault(aspect, []).append(img)
-    for aspect, imgs in by_aspect.items():
-        with atomic_path(out_dir / f"grid_{aspect.replace(':', 'x')}.png", ".png") as tmp:
-            make_grid(imgs).save(tmp)
-    return {"vae_tiled_images": tiled,
-            **{f"sec_per_image_{a.replace(':', 'x')}": sum(v) / len(v) for a, v in seconds.items()}}
+        done.append((aspect, seconds, int(pipe.last_decode.get("tiled", False))))
+    done = distributed.gather(done)     # every image is on disk once all processes are here
+    seconds_by_aspect: dict[str, list[float]] = {}
+    for aspect, sec, _ in done:
+        seconds_by_aspect.setdefault(aspect, []).append(sec)
+    if distributed.is_main():
+        for aspect in cfg["aspects"]:
+            with atomic_path(out_dir / f"grid_{aspect.replace(':', 'x')}.png", ".png") as tmp:
+                make_grid([Image.open(sample_path(out_dir, aspect, i)) for i in range(len(prompts))]).save(tmp)
+    distributed.barrier()
+    return {"vae_tiled_images": sum(t for *_, t in done),
+            **{f"sec_per_image_{a.replace(':', 'x')}": sum(v) / len(v) for a, v in seconds_by_aspect.items()}}
 
 
 def generate_file(params: dict, transformer_dir: str | Path, vae_dir: str | Path, prompt: str, out: str | Path,

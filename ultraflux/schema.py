@@ -196,8 +196,8 @@ class Loss(Section):                                     # seed Table 3 "DiT obj
 class VaeTrain(Section):                                 # seed Sec. 2.2 "VAE Training", Table 3 "F16 VAE post-training"
     steps: PosInt
     resolution: Annotated[int, Field(ge=16, multiple_of=16)]   # 512 (F16: multiple of 16)
-    batch_size: PosInt
-    grad_accum: PosInt                                   # global batch 384
+    batch_size: PosInt                                   # largest micro-batch per process
+    global_batch: PosInt                                 # Table 3: 384 images per step
     lr: PosFloat                                         # 1e-4 (Table 3; the text says 1e-5)
     weight_decay: NonNegFloat                            # 1e-2
     lambda_l2: NonNegFloat                               # (lambda_vae, lambda_perc, lambda_L2) = (0.2, 0.1, 1)
@@ -234,8 +234,8 @@ class Validation(Section):                               # DiT validation: MLPer
 
 class DitStage(Section):                                 # seed Sec. 2.2 "DiT Training", Table 3 curriculum
     steps: PosInt
-    batch_size: PosInt
-    grad_accum: PosInt
+    batch_size: PosInt                                   # largest micro-batch per process
+    global_batch: PosInt                                 # Sec. 2.2: effective batch 64
     lr: PosFloat                                         # 1e-6
     weight_decay: NonNegFloat
     t_min: TimestepIndex                                 # stage 1: 0-999, stage 2: 0-459
@@ -317,9 +317,31 @@ class Refiner(Backoff):                                  # seed Sec. 12: GPT-4o,
         return _ordered(self, "min_words", "max_words")
 
 
+class Launch(Section):                                   # how stages start (ultraflux/launch.py); not science
+    processes: PosInt                                    # per machine; Sec. 2.2: 8 GPUs
+    config: Text                                         # accelerate config of the DiT stages (ZeRO-2 | DDP)
+    data_parallel_config: Text                           # accelerate config of vae, sample, evaluate
+    prefix: str                                          # cluster launcher, run once per machine
+    num_machines: PosInt
+    machine_rank_env: Annotated[str, Field(pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$")]   # an environment variable name
+    main_process_ip: str
+    main_process_port: Annotated[int, Field(ge=0, le=65535)]
+    rdzv_backend: Literal["static", "c10d"]
+
+    @model_validator(mode="after")
+    def _multi_machine(self):
+        if self.num_machines > 1 and not self.main_process_ip.strip():
+            raise ValueError(f"main_process_ip must name the rendezvous host when num_machines is {self.num_machines}")
+        if self.num_machines > 1 and self.rdzv_backend == "static" and not self.machine_rank_env:
+            raise ValueError("machine_rank_env must name the variable holding each machine's rank (e.g. SLURM_NODEID) "
+                             "when num_machines > 1 with rdzv_backend static")
+        return self
+
+
 class Params(Section):
     seed: NonNegInt
     tracking: Tracking
+    launch: Launch
     data: Data
     curate: Curate
     model: Model

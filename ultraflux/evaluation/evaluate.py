@@ -4,6 +4,10 @@ Memory is bounded by ``evaluate.max_images``, not by the dataset: at most that m
 reconstructed (Table 2) and at most that many kept images form the real reference set of FID and the FD stand-in,
 read one at a time from the curated shards; both subsets are fixed by the image ids, so runs are comparable.
 A few held-out images are also saved as input | reconstruction crops for the report (``outputs/evaluate/recon``).
+
+On several processes (``python -m ultraflux.launch evaluate``) the held-out images and the aspect ratios are split
+round-robin (``ultraflux.distributed``); the per-image and per-aspect numbers are gathered in their original order,
+so the metrics equal a one-process run's.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ultraflux import distributed
 from ultraflux.data.shards import load_image_tensor, open_image
 from ultraflux.evaluation.metrics import build_reference, generation_metrics, not_computed
 from ultraflux.io import sha256_text
@@ -42,7 +47,7 @@ def _crop_pair(x, r) -> Image.Image:
 
 def vae_table(params: dict, manifest: pd.DataFrame, curated_dir: Path, vae_dir: Path, recon_dir: Path) -> dict:
     """Reconstruction of the held-out curated images at their bucket size (Table 2 columns)."""
-    from ultraflux.evaluation.reconstruction import reconstruction_metrics
+    from ultraflux.evaluation.reconstruction import mean_metrics, per_image_metrics
     from ultraflux.models.vae import build_vae
 
     rows = manifest[manifest["kept"] & (manifest["split"] == "holdout")]
@@ -58,7 +63,11 @@ def vae_table(params: dict, manifest: pd.DataFrame, curated_dir: Path, vae_dir: 
         if i < RECON_EXAMPLES:
             _crop_pair(x.float().cpu(), r.float().cpu()).save(recon_dir / f"{records[i]['id']}.png")
 
-    table = reconstruction_metrics(vae, (load_image_tensor(curated_dir, r) for r in records), keep_example)
+    values = []
+    for i in distributed.progress(range(len(records)), "evaluate: reconstruction"):
+        values += per_image_metrics(vae, [load_image_tensor(curated_dir, records[i])],
+                                    lambda _, x, r, i=i: keep_example(i, x, r))
+    table = mean_metrics(distributed.gather(values))
     return {**table, "rfid": not_computed("rfid"), "lpips": not_computed("lpips"), "split": split,
             "num_images": int(len(rows))}
 
@@ -82,15 +91,20 @@ def evaluate_run(params: dict, curated_dir: Path, vae_dir: Path, samples_dir: Pa
     cfg = params["evaluate"]
     out: dict = {"vae": vae_table(params, manifest, curated_dir, vae_dir, out_dir / "recon"), "generation": {}}
     kept = bounded(manifest[manifest["kept"]], cfg["max_images"])
-    reference = build_reference((open_image(curated_dir, r) for r in kept.to_dict("records")),
-                                cfg.get("fid_inception_weights") or "")
+    aspects = list(params["sample"]["aspects"])
+    reference = None   # built by each process that scores an aspect ratio
     prompts = json.loads((samples_dir / "prompts.json").read_text())
-    for aspect in params["sample"]["aspects"]:
+    scored = []
+    for aspect in distributed.progress(aspects, "evaluate: generation"):
+        reference = reference or build_reference((open_image(curated_dir, r) for r in kept.to_dict("records")),
+                                                 cfg.get("fid_inception_weights") or "")
         paths = sorted((samples_dir / "dit_stage2" / aspect.replace(":", "x")).glob("*.png"))
         images = [Image.open(p).convert("RGB") for p in paths]
-        if images:  # file i.png was generated from prompt i (ultraflux.sampling.sample_set)
-            out["generation"][aspect.replace(":", "x")] = generation_metrics(
-                images, params, reference, [str(p) for p in paths], [prompts[int(p.stem)] for p in paths])
+        # file i.png was generated from prompt i (ultraflux.sampling.sample_set); one entry per aspect (gather order)
+        scored.append((aspect.replace(":", "x"), generation_metrics(
+            images, params, reference, [str(p) for p in paths], [prompts[int(p.stem)] for p in paths])
+            if images else None))
+    out["generation"] = {k: m for k, m in distributed.gather(scored) if m is not None}
     out["generation_mean"] = _mean_over_aspects(out["generation"])
-    out["num_reference_images"] = reference.num_images
+    out["num_reference_images"] = int(len(kept))
     return out

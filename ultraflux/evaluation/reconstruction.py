@@ -6,7 +6,7 @@ stage (Table 2 on the held-out curated images). Images are [3, H, W] tensors in 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -28,18 +28,29 @@ def image_metrics(x: torch.Tensor, r: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reconstruction_metrics(vae, images: Iterable[torch.Tensor], on_image=None) -> dict[str, float]:
-    """PSNR / SSIM / NMSE averaged over ``images`` (any iterable: a list, or a generator that streams them).
+def per_image_metrics(vae, images: Iterable[torch.Tensor], on_image=None) -> Iterator[dict[str, float]]:
+    """PSNR / SSIM / NMSE of each of ``images`` (any iterable: a list, or a generator that streams them).
 
     ``on_image(i, x, r)`` sees each input and its reconstruction ([3, H, W] in [-1, 1]), e.g. to keep examples."""
     param = next(vae.parameters())
-    sums = {"psnr": 0.0, "ssim": 0.0, "nmse": 0.0}
-    n = 0
-    for n, x in enumerate(images, 1):
+    for i, x in enumerate(images):
         x = x[None].to(param.device, param.dtype)
         r = reconstruct(vae, x)
-        for k, v in image_metrics(x, r).items():
-            sums[k] += v
+        yield image_metrics(x, r)
         if on_image is not None:
-            on_image(n - 1, x[0], r[0])
+            on_image(i, x[0], r[0])
+
+
+def mean_metrics(values: Iterable[dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric, summed in the order given (the same numbers in the same order: the same floats)."""
+    sums = {"psnr": 0.0, "ssim": 0.0, "nmse": 0.0}
+    n = 0
+    for n, metrics in enumerate(values, 1):
+        for k, v in metrics.items():
+            sums[k] += v
     return {k: v / max(1, n) for k, v in sums.items()}
+
+
+def reconstruction_metrics(vae, images: Iterable[torch.Tensor], on_image=None) -> dict[str, float]:
+    """PSNR / SSIM / NMSE averaged over ``images`` (``per_image_metrics``, then ``mean_metrics``)."""
+    return mean_metrics(per_image_metrics(vae, images, on_image))

@@ -67,7 +67,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the current CUDA device: each process of a multi-GPU launch has set its own (accelerate's PartialState)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class UltraFluxPipeline(FluxPipeline):

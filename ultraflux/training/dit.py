@@ -25,6 +25,7 @@ from ultraflux.losses import dit_loss
 from ultraflux.training.cache import build_cache, load_encoders
 from ultraflux.training.checkpoint import Checkpointer, TrainState
 from ultraflux.training.flow import predict_velocity, sample_sigmas
+from ultraflux.training.layout import stage_layout
 from ultraflux.training.memory import gradient_checkpointing, peak_memory
 from ultraflux.training.sampler import BucketBatchSampler
 from ultraflux.training.validation import VAL_COLUMNS, sample_images, validate
@@ -69,16 +70,17 @@ def _configure_deepspeed(accelerator, batch_size: int, max_grad_norm: float | No
         cfg["gradient_clipping"] = float(max_grad_norm or 0.0)
 
 
-def sample_noise_and_sigmas(indices: list[int], shape, seed: int, draw: int, cfg: dict):
-    """Noise [B, C, H, W] and sigmas [B] for the images ``indices`` of global micro-batch number ``draw``.
+def sample_noise_and_sigmas(indices: list[int], shape, seed: int, first: int, cfg: dict):
+    """Noise [B, C, H, W] and sigmas [B] for the images ``indices`` at sample positions ``first``, ``first + 1``, ...
 
-    Each sample's randomness comes from its own generator keyed by (seed, draw, image index), so it does not depend
-    on how a global batch is split over processes: a 2-process run sees exactly the noise and timesteps of a
-    1-process run with the same global batches, and a resumed run needs only the sampler position to continue.
+    A position counts samples over the run (step x global batch + place in the step's global batch). Each sample's
+    randomness comes from its own generator keyed by (seed, position, image index), so it does not depend on how a
+    global batch is laid out over processes and accumulation steps: a 2-process run sees exactly the noise and
+    timesteps of a 1-process run, and a resumed run needs only the sampler position to continue.
     """
     noise, sigmas = [], []
-    for i in indices:   # hashed: torch's CPU generator keeps 32 bits of a seed, arithmetic mixing would collide
-        g = torch.Generator().manual_seed(int(sha256_json(["train-noise", seed, draw, i])[:8], 16))
+    for k, i in enumerate(indices):   # hashed: torch's CPU generator keeps 32 bits of a seed, mixing would collide
+        g = torch.Generator().manual_seed(int(sha256_json(["train-noise", seed, first + k, i])[:8], 16))
         noise.append(torch.randn(tuple(shape), generator=g))
         sigmas.append(sample_sigmas(1, cfg["t_min"], cfg["t_max"], cfg["shift"], g))
     return torch.stack(noise), torch.cat(sigmas)
@@ -97,7 +99,7 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     from ultraflux.models.transformer import build_transformer, load_transformer
 
     cfg, seed, cache_cfg, val_cfg = params[stage], params["seed"], params["latent_cache"], params["validation"]
-    grad_accum, batch_size = int(cfg["grad_accum"]), int(cfg["batch_size"])
+    batch_size, grad_accum = stage_layout(cfg, stage)   # global_batch over the launched processes
     max_grad_norm = cfg.get("max_grad_norm", 1.0)
     accelerator = make_accelerator(grad_accum)
     main = accelerator.is_main_process
@@ -143,7 +145,7 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
 
     # 3. Resume: accelerate restores models, optimizer, RNGs and the registered TrainState; the sampler follows.
     sampler = BucketBatchSampler([b for _, b in kept], batch_size, seed, accelerator.process_index,
-                                 accelerator.num_processes)
+                                 accelerator.num_processes, grad_accum)
     fingerprint = sha256_json({"stage": params[stage], "model": params["model"], "rope": params["rope"],
                                "objective": params["objective"], "loss": params["loss"], "seed": seed,
                                "validation": val_cfg, "data": sha256_json([[k for k, _ in kept], val_keys]),
@@ -189,7 +191,8 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
             if on_batch is not None:
                 on_batch(state.step, micro, accelerator.process_index, indices)
             x0 = batch["latents"].to(device, non_blocking=True).float()
-            noise, sigmas = sample_noise_and_sigmas(indices, x0.shape[1:], seed, state.step * grad_accum + micro, cfg)
+            first = state.step * int(cfg["global_batch"]) + sampler.position(micro)
+            noise, sigmas = sample_noise_and_sigmas(indices, x0.shape[1:], seed, first, cfg)
             noise, sigmas = noise.to(device), sigmas.to(device)
             s = sigmas.view(-1, 1, 1, 1)
             with accelerator.accumulate(transformer):

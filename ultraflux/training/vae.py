@@ -46,9 +46,11 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
 from ultraflux.data.shards import load_image_tensor
+from ultraflux.distributed import average_gradients, mean_over_processes
 from ultraflux.evaluation.reconstruction import reconstruction_metrics
 from ultraflux.io import atomic_path, sha256_file, sha256_json
 from ultraflux.training.checkpoint import Checkpointer, TrainState
+from ultraflux.training.layout import stage_layout
 
 PERCEPTUAL_STANDIN = "standin:1-ssim (no LPIPS weights)"
 LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"   # torchvision's ImageNet VGG16 (the LPIPS backbone)
@@ -74,29 +76,38 @@ def _seed(*parts) -> int:
 
 
 class CropSampler:
-    """Batches of crops (row, top, left); batch n is a pure function of (seed, n), so ``seek(n)`` resumes exactly.
+    """Micro-batches of crops (row, top, left); micro-batch n is a pure function of (seed, n): ``seek(n)`` resumes.
 
-    A row is drawn uniformly among the training rows, the window uniformly inside the image (``sizes`` from the
-    manifest; an image smaller than ``size`` is upscaled to it first, as :func:`crop` does). Used as a DataLoader's
-    ``batch_sampler``: iteration starts at the position restored from the checkpoint.
+    Optimizer step s draws its whole global batch of ``batch_size x world x accum`` crops from one generator keyed by
+    (seed, s): a row uniformly among the training rows, the window uniformly inside the image (``sizes`` from the
+    manifest; an image smaller than ``size`` is upscaled to it first, as :func:`crop` does). Micro-batch m of rank r
+    takes positions ``(m x world + r) x batch_size`` onwards (``training/layout.py``), so a step trains on the same
+    crops and posterior noise whatever the number of processes. Used as a DataLoader's ``batch_sampler``.
     """
 
-    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, size: int, seed: int):
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, size: int, seed: int, rank: int = 0,
+                 world: int = 1, accum: int = 1):
         self.sizes, self.batch_size, self.size, self.seed, self.start = sizes, batch_size, size, seed, 0
+        self.rank, self.world, self.accum = rank, world, accum
+
+    def _slice(self, n: int) -> slice:
+        first = (n % self.accum * self.world + self.rank) * self.batch_size
+        return slice(first, first + self.batch_size)
 
     def batch(self, n: int) -> list[tuple[int, int, int]]:
-        g = torch.Generator().manual_seed(_seed(self.seed, 1, n))
+        g = torch.Generator().manual_seed(_seed(self.seed, 1, n // self.accum))
         out = []
-        for r in torch.randint(0, len(self.sizes), (self.batch_size,), generator=g).tolist():
+        for r in torch.randint(0, len(self.sizes), (self.batch_size * self.world * self.accum,), generator=g).tolist():
             w, h = self.sizes[r]
             top = int(torch.randint(0, max(h, self.size) - self.size + 1, (1,), generator=g))
             left = int(torch.randint(0, max(w, self.size) - self.size + 1, (1,), generator=g))
             out.append((r, top, left))
-        return out
+        return out[self._slice(n)]
 
-    def noise_generator(self, n: int) -> torch.Generator:
-        """The posterior-sampling generator of micro-batch ``n``."""
-        return torch.Generator().manual_seed(_seed(self.seed, 2, n))
+    def noise(self, n: int, shape) -> torch.Tensor:
+        """The posterior-sampling noise [batch_size, *shape] of micro-batch ``n`` (its rows of the step's draw)."""
+        g = torch.Generator().manual_seed(_seed(self.seed, 2, n // self.accum))
+        return torch.randn((self.batch_size * self.world * self.accum, *shape), generator=g)[self._slice(n)]
 
     def seek(self, n: int) -> None:
         self.start = int(n)
@@ -229,7 +240,8 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     adversarial = bool(cfg.get("adversarial", False))
     lam_adv, adv_start = float(cfg.get("lambda_adv", 0.05)), int(cfg.get("adv_start", 0))
     lpips_weights = cfg.get("lpips_weights", "") or ""
-    size, accum, workers = int(cfg["resolution"]), int(cfg["grad_accum"]), cfg["num_workers"]
+    size, workers = int(cfg["resolution"]), cfg["num_workers"]
+    batch_size, accum = stage_layout(cfg, "vae_train")   # global_batch over the launched processes
     torch.manual_seed(seed)
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
     manifest = pd.read_parquet(curated_dir / "manifest.parquet")
@@ -249,7 +261,8 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     original_decoder = copy.deepcopy(vae.decoder).requires_grad_(False).eval().to(device)
     trainable = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    vae, optimizer = accelerator.prepare(vae, optimizer)
+    # no DDP wrapper (the loop calls vae.encode / vae.decode, not forward): gradients are averaged over processes
+    vae, optimizer = accelerator.prepare_model(vae, evaluation_mode=True), accelerator.prepare_optimizer(optimizer)
     post_quant = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else torch.nn.Identity()
     lam_l2, lam_perc, lam_vae = cfg["lambda_l2"], cfg["lambda_perc"], cfg["lambda_vae"]
     lpips_model = load_lpips(lpips_weights).to(device) if lpips_weights else None
@@ -276,7 +289,7 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
             print(f"vae: resumed from {latest} at step {state.step}")
     every = int(cfg.get("checkpoint_every", 100))
     sampler = CropSampler(list(zip(train_rows["width"].astype(int), train_rows["height"].astype(int))),
-                          cfg["batch_size"], size, seed)
+                          batch_size, size, seed, accelerator.process_index, accelerator.num_processes, accum)
     sampler.seek(state.step * accum)
     crops = iter(DataLoader(CropDataset(train_rows, curated_dir, size), batch_sampler=sampler, num_workers=workers,
                             prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available()))
@@ -290,7 +303,7 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     before = state.extra["before"]
     if logger is not None and before and state.step == 0:
         logger.log_metrics({f"holdout_{k}": v for k, v in before.items()}, step=0)
-    bar = tqdm(total=cfg["steps"], initial=state.step, desc="vae", disable=not progress)
+    bar = tqdm(total=cfg["steps"], initial=state.step, desc="vae", disable=not (progress and accelerator.is_main_process))
     while state.step < cfg["steps"]:
         step = state.step + 1
         t0 = time.perf_counter()
@@ -304,7 +317,8 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
         for micro in range(accum):
             x = next(crops).to(device, non_blocking=True)
             with torch.no_grad():                 # frozen encoder and frozen reference decoder only
-                z = vae.encode(x).latent_dist.sample(generator=sampler.noise_generator(state.step * accum + micro))
+                dist = vae.encode(x).latent_dist
+                z = dist.mean + dist.std * sampler.noise(state.step * accum + micro, dist.mean.shape[1:]).to(dist.mean)
                 ref = original_decoder(post_quant(z))
             recon = vae.decode(z).sample
             l2 = F.mse_loss(recon, x)
@@ -319,6 +333,8 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
             accelerator.backward(loss / accum)
             for k, v in (("loss", loss), ("loss_l2", l2), ("loss_perceptual", perc), ("loss_consistency", consistency)):
                 sums[k] += float(v.detach()) / accum
+        average_gradients(trainable)
+        sums = mean_over_processes(sums)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if use_adv:                               # discriminator step on the detached reconstructions
@@ -330,7 +346,7 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         state.step = step
-        record = {"step": step, **sums, "images_per_s": cfg["batch_size"] * accum / (time.perf_counter() - t0),
+        record = {"step": step, **sums, "images_per_s": cfg["global_batch"] / (time.perf_counter() - t0),
                   "lr": optimizer.param_groups[0]["lr"]}
         if len(holdout_rows) and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
             record.update({f"holdout_{k}": v for k, v in holdout_metrics().items()})
@@ -347,10 +363,11 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     del crops   # stops the DataLoader workers
 
     vae = accelerator.unwrap_model(vae)
-    with atomic_path(out_dir / "vae") as tmp:
-        vae.eval().save_pretrained(tmp)
-    with atomic_path(out_dir / "loss.csv") as tmp:
-        pd.DataFrame(state.history).to_csv(tmp, index=False)
+    if accelerator.is_main_process:   # the ranks hold the same weights; one writes them
+        with atomic_path(out_dir / "vae") as tmp:
+            vae.eval().save_pretrained(tmp)
+        with atomic_path(out_dir / "loss.csv") as tmp:
+            pd.DataFrame(state.history).to_csv(tmp, index=False)
     after = holdout_metrics()
     return {"final_loss": state.history[-1]["loss"] if state.history else float("nan"),
             "num_train_images": len(train_rows), "num_holdout_images": len(holdout_rows),

@@ -1,0 +1,100 @@
+"""A real `dvc repro` on 2 CPU processes (gloo) against 1 process, and what `dvc exp run -S launch.processes=2` reuses.
+
+One project on the tiny profile (fewer steps, DDP for the DiT stages: DeepSpeed ZeRO-2 on CPU processes is covered by
+test_training_distributed.py):
+1. `dvc repro evaluate` on 1 process (curate, vae, dit_stage1, dit_stage2, sample, evaluate);
+2. `dvc exp run -S launch.processes=2 evaluate`: launch.* is no stage's param and the cmd text is fixed, so every
+   stage is reused (DVC: "didn't change, skipping") and nothing runs;
+3. `dvc repro -f -s sample`, `-s evaluate` on 2 processes from the same trained weights: byte-identical images
+   (per-prompt seeds) and equal metrics;
+4. `dvc repro -f -s vae`, `dit_stage1`, `dit_stage2` on 2 processes: the same manifest, the same global batches (each
+   step trains on the same samples and noise), weights equal up to float summation order (gradient all-reduce of two
+   halves vs one accumulated batch): max |w2 - w1| below a tenth of one learning-rate-sized Adam update.
+"""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_pipeline_e2e import project_copy, sh
+from ultraflux.config import load_params
+
+pytestmark = pytest.mark.slow
+WEIGHTS = {"vae": "outputs/vae/vae/diffusion_pytorch_model.safetensors",
+           "dit_stage1": "outputs/dit_stage1/transformer/diffusion_pytorch_model.safetensors",
+           "dit_stage2": "outputs/dit_stage2/transformer/diffusion_pytorch_model.safetensors"}
+LEAN = """
+launch:
+  config: configs/accelerate/ddp.yaml
+  main_process_port: 0
+vae_train:
+  steps: 6
+  eval_every: 3
+  checkpoint_every: 3
+  num_workers: 0
+latent_cache:
+  num_workers: 0
+dit_stage1:
+  steps: 6
+  checkpoint_every: 3
+  val_every: 3
+dit_stage2:
+  steps: 4
+  checkpoint_every: 2
+  val_every: 2
+sample:
+  num_inference_steps: 2
+"""
+
+
+def snapshot(repo):
+    samples = sorted((repo / "outputs/samples").rglob("*.png"))
+    return {"manifest": (repo / "outputs/curated/manifest.parquet").read_bytes(),
+            "samples": {str(p.relative_to(repo)): p.read_bytes() for p in samples},
+            "evaluate": json.loads((repo / "outputs/results/evaluate.json").read_text()),
+            "metrics": json.loads((repo / "metrics/evaluate.json").read_text()),
+            **{k: load_file(repo / v) for k, v in WEIGHTS.items()}}
+
+
+def max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_two_processes_reproduce_one(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    project_copy(repo)
+    (repo / "lean.yaml").write_text(LEAN)
+    env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "MLFLOW_TRACKING_URI")}
+    env["OMP_NUM_THREADS"] = "1"          # as accelerate sets for each of several processes: the same CPU kernels
+    sh("ultraflux profile apply lean.yaml && git add -A && git -c user.name=t -c user.email=t@t commit -qm lean", repo)
+
+    sh("dvc repro evaluate", repo, env)
+    one = snapshot(repo)
+    sh("git add -A && git -c user.name=t -c user.email=t@t commit -qm one-process", repo)
+
+    out = sh("dvc exp run -S launch.processes=2 evaluate", repo, env)
+    assert "Running stage" not in out, out
+    for stage in ("curate", "vae", "dit_stage1", "dit_stage2", "sample", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, (stage, out)
+
+    for stage in ("sample", "evaluate"):   # 2 processes, the same trained weights
+        assert "--num_processes 2" in sh(f"dvc repro -f -s {stage}", repo, env)
+    two = snapshot(repo)
+    assert two["samples"].keys() == one["samples"].keys() and len(one["samples"]) > 8
+    assert [p for p in one["samples"] if two["samples"][p] != one["samples"][p]] == []
+    assert two["metrics"] == one["metrics"] and two["evaluate"] == one["evaluate"]
+
+    table = {}
+    for stage in ("vae", "dit_stage1", "dit_stage2"):
+        assert "--num_processes 2" in sh(f"dvc repro -f -s {stage}", repo, env)
+        two = snapshot(repo)
+        table[stage] = max_abs_diff(two[stage], one[stage])
+    print("max |w_2proc - w_1proc|:", table)
+    assert two["manifest"] == one["manifest"]
+    lr = {k: load_params(repo / "params.yaml")[k]["lr"] for k in ("vae_train", "dit_stage1", "dit_stage2")}
+    assert table["vae"] < 0.1 * lr["vae_train"], table
+    assert table["dit_stage1"] < 0.1 * lr["dit_stage1"] and table["dit_stage2"] < 0.1 * lr["dit_stage2"], table

@@ -1,0 +1,127 @@
+"""How `dvc repro` starts the heavy stages: ``python -m ultraflux.launch <stage>`` is their dvc.yaml ``cmd``.
+
+The command text in dvc.yaml never changes; this module reads params.yaml's ``launch`` section when the stage runs
+and starts the stage's script on ``launch.processes`` x ``launch.num_machines`` processes:
+
+* one process in all: ``python stages/<script>`` exactly as before (no launcher, no process group);
+* more: ``accelerate launch --config_file <config> --num_processes <world> ... stages/<script>`` on this machine
+  (DiT stages with ``launch.config``, DeepSpeed ZeRO-2 in the paper profile; vae, sample and evaluate with
+  ``launch.data_parallel_config``);
+* with ``launch.prefix`` (e.g. ``srun --nodes=2 --ntasks-per-node=1``): the prefix runs
+  ``python -m ultraflux.launch --on-machine <stage>`` once per machine, and each machine starts its own
+  ``accelerate launch`` with its rank from ``launch.machine_rank_env`` (static rendezvous) or a c10d rendezvous at
+  ``launch.main_process_ip:port``.
+
+Before anything starts, the whole params file is validated and each training section's global batch is laid out over
+the world size (``training/layout.py``): a mismatch is refused here, naming the three numbers. ``ultraflux plan``
+prints the same commands (``stage_commands``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+STAGE_SCRIPTS = {"vae": ["stages/vae.py"], "dit_stage1": ["stages/dit.py", "dit_stage1"],
+                 "dit_stage2": ["stages/dit.py", "dit_stage2"], "sample": ["stages/sample.py"],
+                 "evaluate": ["stages/evaluate.py"]}
+# Which accelerate config a stage launches with (a launch key): ZeRO-2 shards the DiT's optimizer state; the VAE
+# decoder and the inference stages are data parallel.
+STAGE_CONFIG_KEY = {"vae": "data_parallel_config", "dit_stage1": "config", "dit_stage2": "config",
+                    "sample": "data_parallel_config", "evaluate": "data_parallel_config"}
+TRAINING_SECTION = {"vae": "vae_train", "dit_stage1": "dit_stage1", "dit_stage2": "dit_stage2"}
+ACCELERATE = ["-m", "accelerate.commands.launch"]
+
+
+def world_size(launch: dict) -> int:
+    return int(launch["processes"]) * int(launch["num_machines"])
+
+
+def is_deepspeed(config_file: str | os.PathLike) -> bool:
+    from ultraflux.config import parse_yaml
+
+    return str(parse_yaml(Path(config_file).read_text()).get("distributed_type", "")).upper() == "DEEPSPEED"
+
+
+def machine_command(stage: str, launch: dict, env: dict | None = None, python: str = sys.executable,
+                    cuda: bool | None = None) -> list[str]:
+    """What one machine runs for ``stage``. ``env`` = this machine's environment (None: show variables as $NAME)."""
+    script = STAGE_SCRIPTS[stage]
+    world, machines = world_size(launch), int(launch["num_machines"])
+    if world == 1:
+        return [python, *script]
+    config = launch[STAGE_CONFIG_KEY[stage]]
+    cmd = [python, *ACCELERATE, "--config_file", config, "--num_processes", str(world),
+           "--num_machines", str(machines), "--main_process_port", str(launch["main_process_port"])]
+    if machines > 1:
+        rank_var = launch["machine_rank_env"]
+        rank = (env.get(rank_var, "") if env is not None else f"${rank_var}") if rank_var else "0"
+        ip = os.path.expandvars(launch["main_process_ip"]) if env is not None else launch["main_process_ip"]
+        cmd += ["--machine_rank", rank, "--main_process_ip", ip, "--rdzv_backend", launch["rdzv_backend"],
+                "--same_network"]
+        if Path(config).is_file() and is_deepspeed(config):
+            cmd += ["--deepspeed_multinode_launcher", "standard"]   # one launcher per machine (no pdsh)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        cmd += ["--cpu"]          # CPU processes (tests, laptops): gloo instead of NCCL
+    return cmd + script
+
+
+def head_command(stage: str, launch: dict, env: dict | None = None, python: str = sys.executable,
+                 cuda: bool | None = None) -> list[str]:
+    """What `dvc repro` runs on the machine it was started on (with a prefix: the prefix, which reruns this module
+    on every machine)."""
+    if launch["prefix"].strip():
+        prefix = os.path.expandvars(launch["prefix"]) if env is not None else launch["prefix"]
+        return [*shlex.split(prefix), python, "-m", "ultraflux.launch", "--on-machine", stage]
+    return machine_command(stage, launch, env, python, cuda)
+
+
+def launch_problems(params: dict, stage: str) -> list[str]:
+    """What stops ``stage`` from starting with these params (config files, global batch layouts)."""
+    from ultraflux.training.layout import BatchLayoutError, stage_layout
+
+    launch, problems = params["launch"], []
+    if world_size(launch) > 1:
+        config = launch[STAGE_CONFIG_KEY[stage]]
+        if not Path(config).is_file():
+            problems.append(f"'launch.{STAGE_CONFIG_KEY[stage]}': no accelerate config file at {config}")
+    if stage in TRAINING_SECTION:
+        try:
+            stage_layout(params[TRAINING_SECTION[stage]], TRAINING_SECTION[stage], world_size(launch))
+        except BatchLayoutError as e:
+            problems.append(str(e))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ultraflux.launch",
+                                 description="start a pipeline stage on launch.processes x launch.num_machines processes")
+    ap.add_argument("stage", choices=sorted(STAGE_SCRIPTS))
+    ap.add_argument("--on-machine", action="store_true", help="(run by launch.prefix on each machine)")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    from ultraflux.config import ParamsError, load_validated
+
+    try:
+        params = load_validated(args.params)
+        if problems := launch_problems(params, args.stage):
+            raise ParamsError(problems, args.params)
+    except ParamsError as e:
+        print(f"[{args.stage}] {e}", file=sys.stderr)
+        return 2
+    launch = params["launch"]
+    make = machine_command if args.on_machine else head_command
+    cmd = make(args.stage, launch, dict(os.environ))
+    if world_size(launch) > 1:
+        print(f"[{args.stage}] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    os.execvp(cmd[0], cmd)   # the stage's exit status is the command's
+
+
+if __name__ == "__main__":
+    sys.exit(main())
