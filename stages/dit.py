@@ -10,8 +10,11 @@ from ultraflux.stage import run_stage
 
 def main(stage):
     def fn(params, logger):
+        from ultraflux.distributed import init_cpu_group
         from ultraflux.tracking import repo_root
         from ultraflux.training.dit import train_dit
+
+        init_cpu_group()   # DDP on several CPU processes (tests, laptops): gloo, before train_dit's Accelerator
 
         init = Path("outputs/dit_stage1/transformer") if stage == "dit_stage2" else None
         out = Path("outputs") / stage

@@ -34,10 +34,9 @@ def test_batch_layout_refuses_naming_the_three_numbers():
 def test_commands():
     assert machine_command("vae", ONE, {}, "python") == ["python", "stages/vae.py"]
     two = {**ONE, "processes": 2}
-    dit = machine_command("dit_stage2", two, {}, "python", cuda=True)
+    dit = machine_command("dit_stage2", two, {}, "python")
     assert dit[:5] == ["python", "-m", "accelerate.commands.launch", "--config_file", ONE["config"]]
     assert dit[dit.index("--num_processes") + 1] == "2" and dit[-2:] == ["stages/dit.py", "dit_stage2"]
-    assert "--cpu" not in dit and "--cpu" in machine_command("sample", two, {}, "python", cuda=False)
     assert machine_command("sample", two, {}, "python")[4] == ONE["data_parallel_config"]
     nodes = {**two, "num_machines": 2, "machine_rank_env": "SLURM_NODEID", "main_process_ip": "$MASTER_ADDR",
              "prefix": "srun --nodes=$SLURM_NNODES --ntasks-per-node=1"}
@@ -45,13 +44,13 @@ def test_commands():
     import os
 
     os.environ.update(MASTER_ADDR="10.0.0.7", SLURM_NNODES="2")   # expandvars reads the process environment
-    cmd = machine_command("dit_stage1", nodes, env, "python", cuda=True)
+    cmd = machine_command("dit_stage1", nodes, env, "python")
     for flag, value in (("--num_processes", "4"), ("--num_machines", "2"), ("--machine_rank", "1"),
                         ("--main_process_ip", "10.0.0.7"), ("--deepspeed_multinode_launcher", "standard")):
         assert cmd[cmd.index(flag) + 1] == value, (flag, cmd)
     assert head_command("vae", nodes, env, "python") == ["srun", "--nodes=2", "--ntasks-per-node=1", "python", "-m",
                                                           "ultraflux.launch", "--on-machine", "vae"]
-    shown = machine_command("dit_stage1", nodes, None, "python", cuda=True)   # plan: variables as written
+    shown = machine_command("dit_stage1", nodes, None, "python")   # plan: variables as written
     assert shown[shown.index("--machine_rank") + 1] == "$SLURM_NODEID"
 
 

@@ -18,14 +18,27 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _needs_cpu_group() -> bool:
+    """Several CPU processes outside DeepSpeed: accelerate must be told ``cpu=True``, else a DDP launch on a machine
+    without GPUs comes up as DistributedType.NO (every process alone, no gradient all-reduce)."""
+    import torch
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return world_size() > 1 and not torch.cuda.is_available() and not deepspeed
+
+
 def process_state():
     """accelerate's ``PartialState`` (one per process; initialises the process group once, gloo on CPU)."""
-    import torch
     from accelerate import PartialState
 
-    if world_size() > 1 and not torch.cuda.is_available():
-        return PartialState(backend="gloo")
-    return PartialState()
+    return PartialState(cpu=True, backend="gloo") if _needs_cpu_group() else PartialState()
+
+
+def init_cpu_group() -> None:
+    """Join the gloo group as MULTI_CPU before an ``Accelerator`` is made (it then shares this state); no-op on GPUs,
+    under DeepSpeed (its own launcher) and for one process."""
+    if _needs_cpu_group():
+        process_state()
 
 
 def rank() -> int:

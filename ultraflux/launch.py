@@ -45,8 +45,7 @@ def is_deepspeed(config_file: str | os.PathLike) -> bool:
     return str(parse_yaml(Path(config_file).read_text()).get("distributed_type", "")).upper() == "DEEPSPEED"
 
 
-def machine_command(stage: str, launch: dict, env: dict | None = None, python: str = sys.executable,
-                    cuda: bool | None = None) -> list[str]:
+def machine_command(stage: str, launch: dict, env: dict | None = None, python: str = sys.executable) -> list[str]:
     """What one machine runs for ``stage``. ``env`` = this machine's environment (None: show variables as $NAME)."""
     script = STAGE_SCRIPTS[stage]
     world, machines = world_size(launch), int(launch["num_machines"])
@@ -63,23 +62,16 @@ def machine_command(stage: str, launch: dict, env: dict | None = None, python: s
                 "--same_network"]
         if Path(config).is_file() and is_deepspeed(config):
             cmd += ["--deepspeed_multinode_launcher", "standard"]   # one launcher per machine (no pdsh)
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    if not cuda:
-        cmd += ["--cpu"]          # CPU processes (tests, laptops): gloo instead of NCCL
     return cmd + script
 
 
-def head_command(stage: str, launch: dict, env: dict | None = None, python: str = sys.executable,
-                 cuda: bool | None = None) -> list[str]:
+def head_command(stage: str, launch: dict, env: dict | None = None, python: str = sys.executable) -> list[str]:
     """What `dvc repro` runs on the machine it was started on (with a prefix: the prefix, which reruns this module
     on every machine)."""
     if launch["prefix"].strip():
         prefix = os.path.expandvars(launch["prefix"]) if env is not None else launch["prefix"]
         return [*shlex.split(prefix), python, "-m", "ultraflux.launch", "--on-machine", stage]
-    return machine_command(stage, launch, env, python, cuda)
+    return machine_command(stage, launch, env, python)
 
 
 def launch_problems(params: dict, stage: str) -> list[str]:

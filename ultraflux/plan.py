@@ -117,10 +117,10 @@ def show(cmd: list[str]) -> str:
 
 def stage_plan(params: dict, stage: str, step_times: dict[str, float]) -> dict:
     launch = params["launch"]
-    head = head_command(stage, launch, python="python", cuda=True)
+    head = head_command(stage, launch, python="python")
     plan = {"stage": stage, "command": show(head)}
     if launch["prefix"].strip():
-        plan["machine_command"] = show(machine_command(stage, launch, python="python", cuda=True))
+        plan["machine_command"] = show(machine_command(stage, launch, python="python"))
     if stage in TRAINING_SECTION:
         key = TRAINING_SECTION[stage]
         section = params[key]

@@ -46,7 +46,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
 from ultraflux.data.shards import load_image_tensor
-from ultraflux.distributed import average_gradients, mean_over_processes
+from ultraflux.distributed import average_gradients, init_cpu_group, mean_over_processes
 from ultraflux.evaluation.reconstruction import reconstruction_metrics
 from ultraflux.io import atomic_path, sha256_file, sha256_json
 from ultraflux.training.checkpoint import Checkpointer, TrainState
@@ -252,6 +252,7 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
         if col not in train_rows.columns:
             raise ValueError(f"vae: {curated_dir}/manifest.parquet has no '{col}' column (image sizes pick the crops)")
 
+    init_cpu_group()   # several CPU processes: gloo, MULTI_CPU (else accelerate sees no distributed run)
     accelerator = Accelerator(mixed_precision="no")   # fp32 decoder training; accelerate keeps device and state
     device = accelerator.device
     vae = build_vae(params["model"])
