@@ -26,9 +26,6 @@ WEIGHTS = {"vae": "outputs/vae/vae/diffusion_pytorch_model.safetensors",
            "dit_stage1": "outputs/dit_stage1/transformer/diffusion_pytorch_model.safetensors",
            "dit_stage2": "outputs/dit_stage2/transformer/diffusion_pytorch_model.safetensors"}
 LEAN = """
-data:
-  synthetic:
-    num_images: 48
 launch:
   config: configs/accelerate/ddp.yaml
   main_process_port: 0
