@@ -59,6 +59,7 @@ def test_native_4k_pipeline(tmp_path):
     params["rope"]["train_len"] = 64                  # the paper's window: 2048 px / 32 px per token
     v = params["vae_train"]
     v["steps"], v["resolution"], v["batch_size"], v["eval_every"], v["checkpoint_every"] = 1, 128, 1, 1, 1
+    v["global_batch"] = 1
     for stage in ("dit_stage1", "dit_stage2"):
         params[stage]["steps"], params[stage]["global_batch"], params[stage]["checkpoint_every"] = 2, 1, 2
     params["sample"]["aspects"] = ["16:9"]
