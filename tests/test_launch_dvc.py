@@ -94,6 +94,8 @@ def test_two_processes_reproduce_one(tmp_path):
     table = {}
     for stage in ("vae", "dit_stage1", "dit_stage2"):
         assert "--num_processes 2" in sh(f"dvc repro -f -s {stage}", repo, env)
+        result = json.loads((repo / f"outputs/results/{stage}.json").read_text())
+        assert result["num_processes"] == 2, result     # accelerate ran them as one distributed group
         two = snapshot(repo)
         table[stage] = max_abs_diff(two[stage], one[stage])
     print("max |w_2proc - w_1proc|:", table)

@@ -373,4 +373,4 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     return {"final_loss": state.history[-1]["loss"] if state.history else float("nan"),
             "num_train_images": len(train_rows), "num_holdout_images": len(holdout_rows),
             **{f"holdout_{k}_before": v for k, v in before.items()}, **{f"holdout_{k}": v for k, v in after.items()},
-            "perceptual": perceptual_name, "adversarial": adversarial}
+            "perceptual": perceptual_name, "adversarial": adversarial, "num_processes": accelerator.num_processes}
