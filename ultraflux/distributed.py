@@ -85,7 +85,7 @@ def progress(items: Sequence[T], desc: str, enabled: bool = True) -> Iterator[T]
     for r in range(math.ceil(len(items) / n)):
         if r < len(mine):
             yield mine[r]
-        bar.n = _sum_over_processes(min(r + 1, len(mine)))
+        bar.n = int(_sum_over_processes(min(r + 1, len(mine))))
         bar.refresh()
     bar.close()
 
