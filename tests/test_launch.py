@@ -83,27 +83,22 @@ def paper_params(tmp_path):
     return p
 
 
-def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "ultraflux.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_plan_paper_profile(tmp_path):
-    p = paper_params(tmp_path)
-    out = cli("plan", "--gpus", "8", "--step-time", "dit_stage1=4.5", "--params", str(p))
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
+    from ultraflux.config import load_validated
+    from ultraflux.plan import parse_step_times, plan
+
+    paper = load_validated(paper_params(tmp_path), check_paths=False)   # planned before data and weights are here
+    text = plan(paper, 8, 1, parse_step_times(["dit_stage1=4.5"]))
     assert ("python -m accelerate.commands.launch --config_file configs/accelerate/deepspeed_zero2.yaml "
             "--num_processes 8") in text
     assert "global batch 64 = micro-batch 1 x 8 processes x 8 accumulation" in text
     assert "global batch 384 = micro-batch 48 x 8 processes x 1 accumulation" in text
     assert "30000 steps x 4.5 s (given) = 37.50 h" in text
-    assert "B params" in text and "GiB" in text
-    nodes = cli("plan", "--gpus", "16", "--nodes", "2", "--params", str(p)).stdout
+    assert "11.901B params" in text and "GiB" in text
+    nodes = plan(paper, 16, 2)
     assert "--machine_rank $SLURM_NODEID" in nodes and "--num_processes 16" in nodes
     assert "global batch 64 = micro-batch 1 x 16 processes x 4 accumulation" in nodes
-    bad = cli("plan", "--gpus", "6", "--params", str(p))
-    assert bad.returncode == 0 and "REFUSED: dit_stage1: global_batch 64 cannot be split over 6 processes" in bad.stdout
+    assert "REFUSED: dit_stage1: global_batch 64 cannot be split over 6 processes" in plan(paper, 6)
 
 
 def test_launcher_refuses_a_layout_before_starting(tmp_path):
