@@ -93,7 +93,7 @@ def launch_problems(params: dict, stage: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ultraflux.launch",
-                                 description="start a pipeline stage on launch.processes x launch.num_machines processes")
+                                 description="start a stage on launch.processes x launch.num_machines processes")
     ap.add_argument("stage", choices=sorted(STAGE_SCRIPTS))
     ap.add_argument("--on-machine", action="store_true", help="(run by launch.prefix on each machine)")
     ap.add_argument("--params", default="params.yaml")

@@ -304,7 +304,8 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     before = state.extra["before"]
     if logger is not None and before and state.step == 0:
         logger.log_metrics({f"holdout_{k}": v for k, v in before.items()}, step=0)
-    bar = tqdm(total=cfg["steps"], initial=state.step, desc="vae", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(total=cfg["steps"], initial=state.step, desc="vae",
+               disable=not (progress and accelerator.is_main_process))
     while state.step < cfg["steps"]:
         step = state.step + 1
         t0 = time.perf_counter()
