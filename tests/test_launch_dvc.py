@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from test_pipeline_e2e import project_copy, sh
 from ultraflux.config import load_params
 
-# ~5 min of CPU (21.7 min wall on a 2-core machine shared with other jobs): opt in with ULTRAFLUX_TEST_LAUNCH_DVC=1.
+# ~5 min of CPU (12.3 and 21.7 min wall on a 2-core machine shared with other jobs): opt in, ULTRAFLUX_TEST_LAUNCH_DVC=1.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("ULTRAFLUX_TEST_LAUNCH_DVC"),
                                                    reason="set ULTRAFLUX_TEST_LAUNCH_DVC=1")]
 WEIGHTS = {"vae": "outputs/vae/vae/diffusion_pytorch_model.safetensors",
