@@ -5,7 +5,7 @@ on with a default while the user believes the experiment changed something), val
 integer, ``"maybe"`` is not a boolean, 5.0 is not a step count), and cross-key rules sit next to their section.
 ``ultraflux.config.validate`` turns pydantic's errors into messages that name the file and the full key.
 
-Seed = the UltraFlux supplement (``../shared/seed``). Ranges marked "seed" come from it; the others are what the code
+Seed = the supplementary material of the UltraFlux paper (Ye, Fei, Zhu; CVPR 2026; arXiv:2511.18050). Ranges marked "seed" come from it; the others are what the code
 can run with.
 """
 from __future__ import annotations
