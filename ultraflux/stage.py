@@ -27,6 +27,7 @@ from ultraflux.quiet import quiet_third_party
 from ultraflux.tracking import NullLogger, flatten, stage_run
 
 STAGE_PARAMS: dict[str, list[str]] = {
+    "params": ["*"],   # validates the whole file first, so that a bad edit stops DVC before it deletes any output
     "curate": ["seed", "data", "curate"],
     "vae": ["seed", "model", "vae_train"],
     "diagnostics": ["model", "rope", "diagnostics"],
@@ -103,6 +104,21 @@ def headline(stage: str, result: dict) -> dict:
                 node = node.setdefault(part, {})
             node[last] = value
     return out
+
+
+def check_params_stage(params_path: str = "params.yaml") -> None:
+    """The ``params`` stage (dvc.yaml's first): validate the whole file. DVC removes a stage's outputs just before
+    it runs that stage, so a typo must fail here, upstream of every other stage, or DVC would already have deleted
+    curate's outputs when curate's own check refused the file. Its output never changes while the file is valid,
+    so a valid edit re-runs only the stages whose own params changed."""
+    quiet_third_party()
+    try:
+        load_validated(params_path)
+    except ParamsError as e:
+        print(f"[params] {e}\n[params] nothing was run and no output was removed; fix the file and run again",
+              file=sys.stderr)
+        raise SystemExit(2)
+    write_json(RESULTS_DIR / "params.json", {"params": "valid"})
 
 
 def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str = "params.yaml",
