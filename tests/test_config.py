@@ -183,8 +183,13 @@ def test_paper_profile_matches_seed(tmp_path):
         (10000, 1.0, 1.25, 0.75, 2.0, 64)
     # Sec. 10: 50 sampling steps; 4K buckets.
     assert paper["sample"]["num_inference_steps"] == 50 and paper["curate"]["buckets"]["scale"] == 1.0
-    # The comments survive the rewrite.
-    assert "# seed Sec. 2.1" in p.read_text()
+    # The comments survive the rewrite; those that described the tiny value give way to the profile's own.
+    text = p.read_text()
+    assert "# seed Sec. 2.1" in text and "# seed Table 3 \"DiT objective\"" in text
+    assert "stage2_top: 0.05             # seed Table 3: stage-2 subset = ArtiMuse top-5%\n" in text
+    assert "tiny profile: 15%" not in text and "tiny: 1/8" not in text and "tiny: 128" not in text
+    named = [ln for ln in text.splitlines() if any(f" {k.rsplit('.', 1)[-1]}:" in ln for k in changed)]
+    assert not [ln for ln in named if "tiny" in ln], named
 
 
 def test_profile_with_unknown_key_is_rejected(tmp_path):

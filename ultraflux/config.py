@@ -183,6 +183,7 @@ def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLik
             else:
                 if dst[k] != v:
                     changed.append(key)
+                _replace_comment(dst, src, k, f"set by {Path(profile_path).name}")
                 dst[k] = v
 
     merge(doc, overlay)
@@ -193,6 +194,37 @@ def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLik
     with atomic_path(params_path) as tmp:
         tmp.write_text(text)
     return changed
+
+
+def _comment_lines(token) -> tuple[list[str], list[str]]:
+    """A ruamel end-of-line comment token -> (its own lines, the lines after them that belong to what follows).
+    Its own lines are the first and the comment lines aligned under it (continuations)."""
+    first, *rest = token.value.split("\n")
+    own = [first]
+    while rest and rest[0].lstrip().startswith("#") and len(rest[0]) - len(rest[0].lstrip()) >= token.column - 2:
+        own.append(rest.pop(0).strip())
+    return own, rest
+
+
+def _replace_comment(dst, src, key, fallback: str) -> None:
+    """The end-of-line comment of ``dst[key]`` may describe the old value ("tiny profile: 15%"). It becomes the
+    profile's own comment of that key; without one, a comment that speaks of the tiny profile becomes ``fallback``
+    and any other stays (it documents the key). Lines that ruamel keeps in the same token but that belong to the next
+    key or section stay in place."""
+    old = (dst.ca.items.get(key) or [None] * 4)[2]
+    new = (src.ca.items.get(key) or [None] * 4)[2] if hasattr(src, "ca") else None
+    old_own, rest = _comment_lines(old) if old is not None else ([], [])
+    if new is not None:
+        text = _comment_lines(new)[0]
+    elif any("tiny" in line for line in old_own):
+        text = [f"# {fallback}"]
+    else:
+        return
+    if old is None:
+        dst.yaml_add_eol_comment(" ".join(t.lstrip("# ") for t in text), key)
+        return
+    pad = " " * old.column
+    old.value = "\n".join([text[0], *(pad + t for t in text[1:]), *rest])
 
 
 def _dump(rt, doc) -> str:
