@@ -44,6 +44,7 @@ import pandas as pd
 from ultraflux.io import atomic_path, write_json
 
 from . import process, scorers, synthetic
+from .advice import relax_advice
 from .buckets import DEFAULT_ASPECTS, bucket_table
 from .decode import DEFAULT_MAX_PIXELS, BadImage, dct_reduction, decode_rgb, read_header
 from .engines import run_engine
@@ -213,8 +214,9 @@ def removal_counts(rows: pd.DataFrame) -> dict[str, int]:
     return {key: int((reasons == key).sum()) for key in REJECT_KEYS}
 
 
-def check_minimums(rows: pd.DataFrame, cfg: dict) -> None:
-    """Raise :class:`TooFewImages`, naming the key(s) and what each filter removed, when too few images remain."""
+def check_minimums(rows: pd.DataFrame, cfg: dict, curate: dict) -> None:
+    """Raise :class:`TooFewImages`, naming the key(s), what each filter removed and, per filter, the key and value
+    that would have kept more images (:func:`ultraflux.data.advice.relax_advice`), when too few images remain."""
     kept = rows[rows["kept"]]
     n_train, n_holdout = int((kept["split"] == "train").sum()), int((kept["split"] == "holdout").sum())
     problems = []
@@ -225,11 +227,14 @@ def check_minimums(rows: pd.DataFrame, cfg: dict) -> None:
                         "image(s) remain")
     if problems:
         removed = ", ".join(f"{k} {v}" for k, v in removal_counts(rows).items() if v)
+        hf = min(max(float(curate["holdout_fraction"]), 1e-3), 1 - 1e-3)  # a kept image is held out with this odds
+        wanted = max(math.ceil(max(0, cfg["min_train_images"] - n_train) / (1 - hf)),
+                     math.ceil(max(0, cfg["min_holdout_images"] - n_holdout) / hf), 1)
+        advice = "".join(f"\n  - {line}" for line in relax_advice(rows, curate, wanted))
         raise TooFewImages(
             f"curation kept too few images to train on: {'; '.join(problems)}. Of {len(rows)} source(s), the filters "
             f"removed: {removed or 'none'}; kept {len(kept)} (train {n_train}, holdout {n_holdout}). Add images to "
-            "data.source, relax the filters (curate.flat, curate.entropy_min, curate.quality, curate.aesthetic), "
-            "or lower the minimum.")
+            f"data.source, lower the minimum, or relax a filter (about {wanted} more kept images needed):{advice}")
 
 
 # ------------------------------------------------------------------------------------------------ pass 2, shards
@@ -349,9 +354,9 @@ def run_curation(params: dict, out_dir: Path, progress: bool = True) -> dict:
     stage2_from_train(rows, variant)
     assign_texture_rank(rows)
     try:
-        check_minimums(rows, cfg)
+        check_minimums(rows, cfg, curate)
         render_hits = render_kept(rows, cfg, engine, workers, progress)
-        check_minimums(rows, cfg)  # a colour decode may still have failed
+        check_minimums(rows, cfg, curate)  # a colour decode may still have failed
     except TooFewImages:
         rows["shard"], rows["key"], rows["offset"], rows["nbytes"] = "", "", 0, 0
         _write_manifest(rows, out_dir)
