@@ -273,7 +273,15 @@ class Evaluate(Section):
     lpips_weights: Path
     hpsv3_weights: Path
     artimuse_weights: Path
+    artimuse_code_dir: Path                              # the src/ folder of an ArtiMuse checkout (its scoring code)
     qalign_weights: Path
+
+    @model_validator(mode="after")
+    def _artimuse_needs_its_code(self):
+        if self.artimuse_weights and not self.artimuse_code_dir:
+            raise ValueError("evaluate.artimuse_code_dir must name the src/ folder of an ArtiMuse checkout when "
+                             "evaluate.artimuse_weights is set (its InternVLChatModel.score is the published interface)")
+        return self
 
 
 class Backoff(Section):

@@ -48,11 +48,10 @@ from tqdm import tqdm
 from ultraflux.data.shards import load_image_tensor
 from ultraflux.evaluation.reconstruction import reconstruction_metrics
 from ultraflux.io import atomic_path, sha256_file, sha256_json
+from ultraflux.models.lpips import LPIPS_BACKBONE_FILE, load_lpips  # noqa: F401 - LPIPS_BACKBONE_FILE for tests
 from ultraflux.training.checkpoint import Checkpointer, TrainState
 
 PERCEPTUAL_STANDIN = "standin:1-ssim (no LPIPS weights)"
-LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"   # torchvision's ImageNet VGG16 (the LPIPS backbone)
-LPIPS_HEADS_FILE = "vgg.pth"                 # the LPIPS v0.1 linear heads (shipped in the lpips package)
 
 
 ROW_COLUMNS = ["id", "shard", "key", "offset", "nbytes", "image", "width", "height"]   # what a crop needs of a row
@@ -143,34 +142,6 @@ def holdout_crops(rows: pd.DataFrame, curated_dir: Path, size: int) -> Iterator[
 
 
 # --------------------------------------------------------------------------------------------- perceptual term
-def load_lpips(weights_dir: str | Path) -> nn.Module:
-    """Frozen LPIPS(VGG) from local files only: ``<dir>/vgg16-397923af.pth`` (backbone) and ``<dir>/vgg.pth`` (heads,
-    optional: the lpips package ships them). Raises a RuntimeError that says what is missing; never downloads."""
-    weights_dir = Path(weights_dir)
-    backbone = weights_dir / LPIPS_BACKBONE_FILE
-    if not backbone.is_file():
-        raise RuntimeError(f"vae_train.lpips_weights={weights_dir}: no {LPIPS_BACKBONE_FILE} there (torchvision's "
-                           f"ImageNet VGG16 weights); set lpips_weights: \"\" to use the {PERCEPTUAL_STANDIN} stand-in")
-    try:
-        import lpips
-    except ImportError as e:   # lpips imports torchvision; PyPI's torchvision breaks beside the CPU torch wheel
-        raise RuntimeError("vae_train.lpips_weights is set but the `lpips` package (and torchvision) cannot be "
-                           f"imported ({e}); install the `vision` extra (pip install -e .[vision]) with a torchvision "
-                           "matching this torch, or set lpips_weights: \"\" for the stand-in") from e
-    heads = weights_dir / LPIPS_HEADS_FILE
-    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, model_path=str(heads) if heads.is_file() else None,
-                        verbose=False)
-    # LPIPS' VGG is torchvision's ``vgg16().features`` cut into slices that keep the layer indices as names.
-    src = torch.load(backbone, map_location="cpu", weights_only=True)
-    dst = model.net.state_dict()
-    mapped = {}
-    for key in dst:                                   # "slice2.5.weight" <- "features.5.weight"
-        _, idx, param = key.split(".")
-        mapped[key] = src[f"features.{idx}.{param}"]
-    model.net.load_state_dict(mapped, strict=True)
-    return model.requires_grad_(False).eval()
-
-
 def perceptual_loss(recon: torch.Tensor, target: torch.Tensor, lpips_model=None) -> torch.Tensor:
     """Differentiable in ``recon``: a training loss (no ``no_grad``; LPIPS weights frozen, not its input)."""
     if lpips_model is not None:
