@@ -187,7 +187,7 @@ def _curation(results: dict, outputs: Path) -> str:
     cur = results.get("curate") or {}
     if not cur:
         return "<p class='muted'>not run</p>"
-    counts = {k: v for k, v in cur.items() if k.startswith(("num_", "rejected_")) and isinstance(v, (int, float))}
+    counts = {k: v for k, v in cur.items() if k.startswith(("num_", "rejected_", "released_")) and isinstance(v, (int, float))}
     parts = [_kv({"quality scorer": cur.get("quality_scorer"), "aesthetic scorer": cur.get("aesthetic_scorer"),
                   **counts})]
     manifest_path = outputs / "curated" / "manifest.parquet"
@@ -201,6 +201,8 @@ def _curation(results: dict, outputs: Path) -> str:
             for it in g["items"]:
                 scores = ", ".join(f"{k} {_fmt(v)}" for k, v in it["scores"].items())
                 caption = f"{_esc(it['source'])}<br>{_esc(scores)}"
+                if it.get("credit"):  # attribution of a released (Pexels / Unsplash) image
+                    caption += f"<br>{_esc(it['credit'])}"
                 if it["image"] is not None:
                     parts.append(_figure(it["image"], caption, long_side=256))
                 else:
