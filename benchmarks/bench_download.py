@@ -76,9 +76,12 @@ def concurrent(urls: list[str], workers: int) -> tuple[float, int]:
     return seconds, sum(len(r.data) for r in results)
 
 
-def metadata_folder(folder: Path, urls: list[str]) -> Path:
+def metadata_folder(folder: Path, urls: list[str], per_file: int = 100) -> Path:
+    """The release's layout: many JSON files, each a list of records (here ``per_file`` records each)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "part-0.json").write_text(json.dumps([{"image_url": u, "en_caption": "c"} for u in urls]))
+    for start in range(0, len(urls), per_file):
+        records = [{"image_url": u, "en_caption": "c"} for u in urls[start:start + per_file]]
+        (folder / f"part-{start // per_file:05d}.json").write_text(json.dumps(records))
     return folder
 
 

@@ -41,7 +41,7 @@ from .shards import ShardWriter
 STATUS_COLUMNS = ("key", "url", "status", "detail", "attempts", "http_status", "content_type", "nbytes", "sha256",
                   "shard", "offset", "file")
 SAMPLE_FIELDS = metadata.FIELDS + ("key", "file")
-TABLE_BATCH = 10_000
+TABLE_BATCH = 2048  # status rows held before a parquet row group is written
 
 
 def download_config(params: dict) -> dict:

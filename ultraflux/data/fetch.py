@@ -41,10 +41,10 @@ from .safety import url_problem
 IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
                (b"II*\x00", "tif"), (b"MM\x00*", "tif"), (b"BM", "bmp"))
 ACCEPTED_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
-CHUNK = 1 << 16
+CHUNK = 1 << 20  # read size: 1 MiB (64 KiB reads cost ~30% of a core at 250 MB/s in Python)
 
 
-def image_extension(data: bytes) -> str:
+def image_extension(data: bytes | bytearray) -> str:
     """The image format of ``data`` from its magic bytes ("" = not an image we accept)."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
@@ -59,7 +59,7 @@ class Fetched:
     http_status: int = 0
     content_type: str = ""
     final_url: str = ""
-    data: bytes = field(default=b"", repr=False)
+    data: bytes | bytearray = field(default=b"", repr=False)
     ext: str = ""
 
 
@@ -200,8 +200,7 @@ class Fetcher:
             body += chunk
             if len(body) > self.max_bytes:  # stop reading: the rest is never downloaded
                 return Fetched("too_large", f"more than {self.max_bytes} bytes", content_type=ctype, **base)
-        data = bytes(body)
-        ext = image_extension(data)
+        ext = image_extension(body)
         if not ext:
-            return Fetched("not_image", f"magic bytes {data[:8].hex()}", content_type=ctype, **base)
-        return Fetched("ok", "", content_type=ctype, data=data, ext=ext, **base)
+            return Fetched("not_image", f"magic bytes {bytes(body[:8]).hex()}", content_type=ctype, **base)
+        return Fetched("ok", "", content_type=ctype, data=body, ext=ext, **base)  # no copy of a 4K image
