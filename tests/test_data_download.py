@@ -117,7 +117,7 @@ def test_unsafe_url_refusal_table(url, reason):
 
 
 def fetcher_cfg(**over) -> dict:
-    cfg = {"workers": 8, "per_host": 8, "timeout_s": 1.0, "retries": 2, "backoff_s": 0.01, "max_backoff_s": 2.0,
+    cfg = {"engine": "local", "engine_workers": 1, "workers": 8, "per_host": 8, "timeout_s": 1.0, "retries": 2, "backoff_s": 0.01, "max_backoff_s": 2.0,
            "max_mb": 1.0, "max_redirects": 3, "allow_private_addresses": True, "user_agent": "test",
            "shard_max_mb": 1, "cache_dir": ""}
     return cfg | over
@@ -198,3 +198,20 @@ def test_download_outputs_one_row_per_url_shards_hold_the_ok_images_and_rerun_fe
         again = run_download(params_for(source, cache), tmp_path / "out2", progress=False)
         assert len(server.requests) == before and again["_timing"]["fetched_this_run"] == 0
         assert {p.name: p.read_bytes() for p in (tmp_path / "out2" / "shards").glob("*.tar")} == first_bytes
+
+
+@pytest.mark.slow
+def test_local_and_ray_engines_give_byte_identical_shards(tmp_path):
+    pytest.importorskip("ray")
+    with FaultServer() as server:
+        urls = [server.url(f"/img/{i}.jpg") for i in range(8)] + [server.url("/404/r")]
+        source = release_folder(tmp_path / "meta", urls)
+        shards = {}
+        for engine in ("local", "ray"):
+            params = params_for(source, tmp_path / f"cache-{engine}", engine=engine, engine_workers=2)
+            summary = run_download(params, tmp_path / engine, progress=False)
+            assert summary["num_ok"] == 8 and summary["status_http_404"] == 1
+            shards[engine] = {p.name: p.read_bytes() for p in (tmp_path / engine / "shards").glob("*.tar")}
+            shards[engine]["status"] = pd.read_parquet(tmp_path / engine / "status.parquet").to_json()
+        assert shards["local"] == shards["ray"] and len(shards["local"]) >= 2
+        assert server.count("/img/0.jpg") == 2  # once per engine (separate caches)

@@ -82,6 +82,8 @@ class Data(Section):
 
 
 class Download(Section):                                 # the download stage (released URLs -> original bytes)
+    engine: Literal["local", "ray"]
+    engine_workers: PosInt
     workers: Annotated[int, Field(ge=1, le=1024)]
     per_host: Annotated[int, Field(ge=1, le=1024)]
     timeout_s: PosFloat

@@ -12,6 +12,7 @@ for any other source it writes an empty table and says so):
    (``download.workers`` threads) and per host, retries, caps and checks), writing ``<key>.img`` (original bytes)
    then ``<key>.res.json`` (status, attempts, ...), each atomically. A run killed with ``kill -9`` resumes by
    fetching only the keys without a result. A tqdm bar shows rate, ETA and the counts per status.
+   With ``download.engine: ray`` the fetching is spread over Ray workers (:func:`fetch_all`); the rest is the same.
 3. **write** in key order (not completion order, so every engine and every resumed run gives the same bytes):
    ``shards/download-NNNNNN.tar`` with ``<key>.<ext>`` (original bytes), ``<key>.txt`` (English caption) and
    ``<key>.json`` (canonical fields, attribution, the original record) for each ``ok`` URL; ``status.parquet``
@@ -41,6 +42,7 @@ from .shards import ShardWriter
 STATUS_COLUMNS = ("key", "url", "status", "detail", "attempts", "http_status", "content_type", "nbytes", "sha256",
                   "shard", "offset", "file")
 SAMPLE_FIELDS = metadata.FIELDS + ("key", "file")
+RAY_BATCH = 256  # keys per Ray task
 TABLE_BATCH = 2048  # status rows held before a parquet row group is written
 
 
@@ -88,6 +90,27 @@ def _store(cache: Path, key: str, url: str, fetched) -> dict:
 def _fetch_one(fetcher: Fetcher, cache: Path, key: str) -> dict:
     url = json.loads(_cache_file(cache, key, "meta.json").read_bytes())["url"]
     return _store(cache, key, url, fetcher.fetch(url))
+
+
+def fetch_batch(task: dict) -> dict:
+    """One engine task (Ray): fetch ``task["keys"]`` with this worker's own thread pool; counts per status."""
+    return {"counts": dict(fetch_missing(task["keys"], Path(task["cache"]), task["cfg"], progress=False))}
+
+
+def fetch_all(todo: list[str], cache: Path, cfg: dict, progress: bool) -> Counter:
+    """``download.engine``: ``local`` = one thread pool here; ``ray`` = batches of :data:`RAY_BATCH` keys over
+    ``download.engine_workers`` Ray workers (:func:`ultraflux.data.engines.run_engine`), each with ``workers``
+    threads and its own per-host limit. The cache must be on a filesystem every node mounts (as curation's)."""
+    if cfg["engine"] == "local" or not todo:
+        return fetch_missing(todo, cache, cfg, progress)
+    from .engines import run_engine
+
+    tasks = [{"keys": todo[i:i + RAY_BATCH], "cache": str(cache.resolve()), "cfg": cfg}
+             for i in range(0, len(todo), RAY_BATCH)]
+    total: Counter = Counter()
+    for result in run_engine(cfg["engine"], fetch_batch, tasks, cfg["engine_workers"], progress, desc="download"):
+        total.update(result["counts"])
+    return total
 
 
 def missing_keys(keys: np.ndarray, cache: Path) -> list[str]:
@@ -226,7 +249,7 @@ def run_download(params: dict, out_dir: Path, progress: bool = True) -> dict:
     finally:
         problems.close()
     todo = missing_keys(keys, cache)
-    fetched = fetch_missing(todo, cache, cfg, progress)
+    fetched = fetch_all(todo, cache, cfg, progress)
     counts = write_outputs(keys, cache, out_dir, cfg, mapping, progress)
     summary = {"source_is_metadata": True, "num_urls": int(len(keys)), "num_ok": int(counts.get("ok", 0)),
                "ok_fraction": counts.get("ok", 0) / max(1, len(keys)), "duplicate_urls": duplicates,
