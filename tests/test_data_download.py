@@ -215,3 +215,46 @@ def test_local_and_ray_engines_give_byte_identical_shards(tmp_path):
             shards[engine]["status"] = pd.read_parquet(tmp_path / engine / "status.parquet").to_json()
         assert shards["local"] == shards["ray"] and len(shards["local"]) >= 2
         assert server.count("/img/0.jpg") == 2  # once per engine (separate caches)
+
+
+def test_retry_after_in_seconds_or_as_an_http_date():
+    from email.utils import format_datetime
+    from datetime import datetime, timedelta, timezone
+
+    from ultraflux.data.fetch import retry_after_seconds
+
+    assert retry_after_seconds("7") == 7.0 and retry_after_seconds(None) is None
+    assert retry_after_seconds("soon") is None
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= retry_after_seconds(when) <= 31
+
+
+def test_img2dataset_output_is_a_curation_source(tmp_path):
+    """img2dataset's layout: NNNNN.tar with <key>.jpg / .txt / .json (its own json keys plus kept record columns),
+    beside NNNNN.parquet and NNNNN_stats.json; images are read in place (one seek), metadata mapped."""
+    from fault_server import jpeg_bytes
+    from ultraflux.data.ingest import list_sources
+    from ultraflux.data.process import read_source
+
+    out = tmp_path / "img2dataset"
+    out.mkdir()
+    images = {f"00000000{i}": jpeg_bytes(f"i2d{i}") for i in range(3)}
+    with tarfile.open(out / "00000.tar", "w") as tar:
+        for key, data in images.items():
+            meta = {"key": key, "status": "success", "url": f"https://images.pexels.com/{key}.jpeg",
+                    "caption": f"caption {key}", "qalign_score": 4.2, "aesthetics_score": 61.0,
+                    "photographer": "Bo", "work_url": f"https://www.pexels.com/photo/{key}/"}
+            for ext, body in (("jpg", data), ("txt", f"caption {key}".encode()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    pd.DataFrame({"key": list(images), "status": "success"}).to_parquet(out / "00000.parquet")
+    (out / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 3}))
+    assert not metadata.is_metadata_source(out)
+    items = list_sources(out)
+    assert [it.caption for it in items] == [f"caption {k}" for k in images]
+    assert {it.meta["quality"] for it in items} == {4.2} and items[0].meta["photographer"] == "Bo"
+    assert items[0].meta["_names"]["quality"] == "qalign_score"
+    for item, data in zip(items, images.values()):
+        got, _, error = read_source(item.path)
+        assert got == data and error == ""

@@ -72,8 +72,14 @@ def is_metadata_source(source: str | Path) -> bool:
         return False
     if path.is_file():
         return path.name.lower().endswith(METADATA_SUFFIXES)
-    files = [p for p in path.rglob("*") if not p.is_dir() and not p.name.startswith(".")]
-    return bool(files) and all(p.suffix.lower() == ".json" for p in files)
+    has_json = False
+    for entry in path.rglob("*"):  # stops at the first other file: cheap on a folder of a million images
+        if entry.name.startswith(".") or entry.is_dir():
+            continue
+        if entry.suffix.lower() != ".json":
+            return False
+        has_json = True
+    return has_json
 
 
 # --------------------------------------------------------------------------------------------------- reading files
