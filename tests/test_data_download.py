@@ -117,7 +117,8 @@ def test_unsafe_url_refusal_table(url, reason):
 
 
 def fetcher_cfg(**over) -> dict:
-    cfg = {"engine": "local", "engine_workers": 1, "workers": 8, "per_host": 8, "timeout_s": 1.0, "retries": 2, "backoff_s": 0.01, "max_backoff_s": 2.0,
+    cfg = {"engine": "local", "engine_workers": 1, "workers": 8, "per_host": 8, "timeout_s": 1.0, "retries": 2,
+           "backoff_s": 0.01, "max_backoff_s": 2.0,
            "max_mb": 1.0, "max_redirects": 3, "allow_private_addresses": True, "user_agent": "test",
            "shard_max_mb": 1, "cache_dir": ""}
     return cfg | over
@@ -161,8 +162,9 @@ def test_fetcher_statuses_attempts_and_retry_after():
         assert server.count("/loop2/a") == 1 and server.count("/img/b.jpg") == 1
         # refused without the opt-in: the loopback server is never contacted
         refused = Fetcher(fetcher_cfg(allow_private_addresses=False))
-        assert refused.fetch(server.url("/img/z.jpg")).status == "private_address"
+        refusal = refused.fetch(server.url("/img/z.jpg"))
         refused.close()
+        assert (refusal.status, refusal.attempts) == ("private_address", 0)
         assert server.count("/img/z.jpg") == 0
 
 

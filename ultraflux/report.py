@@ -197,7 +197,8 @@ def _curation(results: dict, outputs: Path) -> str:
     cur = results.get("curate") or {}
     if not cur:
         return "<p class='muted'>not run</p>"
-    counts = {k: v for k, v in cur.items() if k.startswith(("num_", "rejected_", "released_")) and isinstance(v, (int, float))}
+    counts = {k: v for k, v in cur.items()
+              if k.startswith(("num_", "rejected_", "released_")) and isinstance(v, (int, float))}
     parts = [_kv({"quality scorer": cur.get("quality_scorer"), "aesthetic scorer": cur.get("aesthetic_scorer"),
                   **counts})]
     manifest_path = outputs / "curated" / "manifest.parquet"
