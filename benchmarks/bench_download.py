@@ -47,7 +47,7 @@ def blob_urls(base: str, count: int, tag: str) -> list[str]:
 def fetcher_cfg(workers: int) -> dict:
     return {"engine": "local", "engine_workers": 1, "workers": workers, "per_host": workers, "timeout_s": 60.0,
             "retries": 0, "backoff_s": 0.1,
-            "max_backoff_s": 1.0, "max_mb": 16.0, "max_redirects": 3, "allow_private_addresses": True,
+            "max_backoff_s": 1.0, "max_mb": 16.0, "max_redirects": 3, "retry_transient": False, "allow_private_addresses": True,
             "user_agent": "bench", "shard_max_mb": 1024, "cache_dir": ""}
 
 

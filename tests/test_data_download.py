@@ -119,7 +119,7 @@ def test_unsafe_url_refusal_table(url, reason):
 def fetcher_cfg(**over) -> dict:
     cfg = {"engine": "local", "engine_workers": 1, "workers": 8, "per_host": 8, "timeout_s": 1.0, "retries": 2,
            "backoff_s": 0.01, "max_backoff_s": 2.0,
-           "max_mb": 1.0, "max_redirects": 3, "allow_private_addresses": True, "user_agent": "test",
+           "max_mb": 1.0, "max_redirects": 3, "retry_transient": False, "allow_private_addresses": True, "user_agent": "test",
            "shard_max_mb": 1, "cache_dir": ""}
     return cfg | over
 
@@ -171,7 +171,7 @@ def test_fetcher_statuses_attempts_and_retry_after():
 def params_for(source, cache, **download) -> dict:
     return {"data": {"source": str(source), "metadata": {"max_records": 0, "balance_aspects": False,
                                                           "fields": FIELDS}},
-            "download": fetcher_cfg(cache_dir=str(cache), retries=1, **download)}
+            "download": fetcher_cfg(**{"cache_dir": str(cache), "retries": 1, **download})}
 
 
 def test_download_outputs_one_row_per_url_shards_hold_the_ok_images_and_rerun_fetches_nothing(tmp_path):
@@ -200,6 +200,17 @@ def test_download_outputs_one_row_per_url_shards_hold_the_ok_images_and_rerun_fe
         again = run_download(params_for(source, cache), tmp_path / "out2", progress=False)
         assert len(server.requests) == before and again["_timing"]["fetched_this_run"] == 0
         assert {p.name: p.read_bytes() for p in (tmp_path / "out2" / "shards").glob("*.tar")} == first_bytes
+
+
+def test_rerun_with_retry_transient_refetches_only_transient_failures(tmp_path):
+    with FaultServer(slow_s=2.0) as server:
+        urls = [server.url(p) for p in ("/img/1.jpg", "/404/t", "/slow/t")]
+        source, cache = release_folder(tmp_path / "meta", urls), tmp_path / "cache"
+        first = run_download(params_for(source, cache, retries=0), tmp_path / "a", progress=False)
+        assert first["status_timeout"] == 1 and first["status_ok"] == 1
+        before = server.requests
+        run_download(params_for(source, cache, retries=0, retry_transient=True), tmp_path / "b", progress=False)
+        assert server.requests[len(before):] == ["/slow/t"]
 
 
 @pytest.mark.slow

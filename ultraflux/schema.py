@@ -92,6 +92,7 @@ class Download(Section):                                 # the download stage (r
     max_backoff_s: NonNegFloat
     max_mb: PosFloat
     max_redirects: Annotated[int, Field(ge=0, le=30)]
+    retry_transient: bool
     allow_private_addresses: bool
     user_agent: Text
     shard_max_mb: PosInt

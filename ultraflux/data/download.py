@@ -11,7 +11,9 @@ for any other source it writes an empty table and says so):
 2. **fetch** every key that has no result yet (:class:`ultraflux.data.fetch.Fetcher`: bounded concurrency in total
    (``download.workers`` threads) and per host, retries, caps and checks), writing ``<key>.img`` (original bytes)
    then ``<key>.res.json`` (status, attempts, ...), each atomically. A run killed with ``kill -9`` resumes by
-   fetching only the keys without a result. A tqdm bar shows rate, ETA and the counts per status.
+   fetching only the keys without a result (and, with ``download.retry_transient``, those whose last result was a
+   transient failure: timeout, 429, 5xx, truncated, connection error; force the stage: ``dvc repro -f -s download``).
+   A tqdm bar shows rate, ETA and the counts per status.
    With ``download.engine: ray`` the fetching is spread over Ray workers (:func:`fetch_all`); the rest is the same.
 3. **write** in key order (not completion order, so every engine and every resumed run gives the same bytes):
    ``shards/download-NNNNNN.tar`` with ``<key>.<ext>`` (original bytes), ``<key>.txt`` (English caption) and
@@ -36,7 +38,7 @@ import numpy as np
 from ultraflux.io import atomic_path, atomic_write_bytes, sha256_bytes
 
 from . import metadata
-from .fetch import Fetcher
+from .fetch import TRANSIENT, Fetcher
 from .shards import ShardWriter
 
 STATUS_COLUMNS = ("key", "url", "status", "detail", "attempts", "http_status", "content_type", "nbytes", "sha256",
@@ -113,8 +115,14 @@ def fetch_all(todo: list[str], cache: Path, cfg: dict, progress: bool) -> Counte
     return total
 
 
-def missing_keys(keys: np.ndarray, cache: Path) -> list[str]:
-    return [k for k in key_strings(keys) if not _cache_file(cache, k, "res.json").is_file()]
+def missing_keys(keys: np.ndarray, cache: Path, retry_transient: bool = False) -> list[str]:
+    """Keys without a result; with ``retry_transient`` also those whose last result was a transient failure."""
+    todo = []
+    for key in key_strings(keys):
+        path = _cache_file(cache, key, "res.json")
+        if not path.is_file() or (retry_transient and json.loads(path.read_bytes())["status"] in TRANSIENT):
+            todo.append(key)
+    return todo
 
 
 def fetch_missing(todo: list[str], cache: Path, cfg: dict, progress: bool) -> Counter:
@@ -248,7 +256,7 @@ def run_download(params: dict, out_dir: Path, progress: bool = True) -> dict:
         keys, duplicates = spool(subset, cache)
     finally:
         problems.close()
-    todo = missing_keys(keys, cache)
+    todo = missing_keys(keys, cache, bool(cfg["retry_transient"]))
     fetched = fetch_all(todo, cache, cfg, progress)
     counts = write_outputs(keys, cache, out_dir, cfg, mapping, progress)
     summary = {"source_is_metadata": True, "num_urls": int(len(keys)), "num_ok": int(counts.get("ok", 0)),

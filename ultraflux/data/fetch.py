@@ -41,6 +41,7 @@ from .safety import url_problem
 
 IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
                (b"II*\x00", "tif"), (b"MM\x00*", "tif"), (b"BM", "bmp"))
+TRANSIENT = ("timeout", "http_429", "http_5xx", "truncated", "connect_error")  # retried; worth a later run too
 REFUSED = ("unsafe_url", "private_address", "dns_error")  # statuses decided before a request is sent
 ACCEPTED_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 CHUNK = 1 << 20  # read size: 1 MiB (64 KiB reads cost ~30% of a core at 250 MB/s in Python)
