@@ -99,15 +99,15 @@ def fetch_batch(task: dict) -> dict:
     return {"counts": dict(fetch_missing(task["keys"], Path(task["cache"]), task["cfg"], progress=False))}
 
 
-def fetch_all(todo: list[str], cache: Path, cfg: dict, progress: bool) -> Counter:
+def fetch_all(todo: np.ndarray, cache: Path, cfg: dict, progress: bool) -> Counter:
     """``download.engine``: ``local`` = one thread pool here; ``ray`` = batches of :data:`RAY_BATCH` keys over
     ``download.engine_workers`` Ray workers (:func:`ultraflux.data.engines.run_engine`), each with ``workers``
     threads and its own per-host limit. The cache must be on a filesystem every node mounts (as curation's)."""
-    if cfg["engine"] == "local" or not todo:
+    if cfg["engine"] == "local" or not len(todo):
         return fetch_missing(todo, cache, cfg, progress)
     from .engines import run_engine
 
-    tasks = [{"keys": todo[i:i + RAY_BATCH], "cache": str(cache.resolve()), "cfg": cfg}
+    tasks = [{"keys": list(key_strings(todo[i:i + RAY_BATCH])), "cache": str(cache.resolve()), "cfg": cfg}
              for i in range(0, len(todo), RAY_BATCH)]
     total: Counter = Counter()
     for result in run_engine(cfg["engine"], fetch_batch, tasks, cfg["engine_workers"], progress, desc="download"):
@@ -115,17 +115,16 @@ def fetch_all(todo: list[str], cache: Path, cfg: dict, progress: bool) -> Counte
     return total
 
 
-def missing_keys(keys: np.ndarray, cache: Path, retry_transient: bool = False) -> list[str]:
-    """Keys without a result; with ``retry_transient`` also those whose last result was a transient failure."""
-    todo = []
-    for key in key_strings(keys):
+def missing_keys(keys: np.ndarray, cache: Path, retry_transient: bool = False) -> np.ndarray:
+    """Keys without a result (8 bytes each); with ``retry_transient`` also those whose last result was transient."""
+    def needed(key: str) -> bool:
         path = _cache_file(cache, key, "res.json")
-        if not path.is_file() or (retry_transient and json.loads(path.read_bytes())["status"] in TRANSIENT):
-            todo.append(key)
-    return todo
+        return not path.is_file() or (retry_transient and json.loads(path.read_bytes())["status"] in TRANSIENT)
+
+    return keys[np.fromiter((needed(k) for k in key_strings(keys)), bool, len(keys))]
 
 
-def fetch_missing(todo: list[str], cache: Path, cfg: dict, progress: bool) -> Counter:
+def fetch_missing(todo, cache: Path, cfg: dict, progress: bool) -> Counter:
     """Fetch the keys in ``todo`` with ``download.workers`` threads (at most 2x that many queued); counts per status."""
     from tqdm.auto import tqdm
 
@@ -144,7 +143,7 @@ def fetch_missing(todo: list[str], cache: Path, cfg: dict, progress: bool) -> Co
                     bar.update()
                     bar.set_postfix(dict(sorted(counts.items())), refresh=False)
 
-            for key in todo:
+            for key in (key_strings(todo) if isinstance(todo, np.ndarray) else todo):
                 while len(pending) >= window:
                     drain(True)
                 pending.add(pool.submit(_fetch_one, fetcher, cache, key))
@@ -265,7 +264,7 @@ def run_download(params: dict, out_dir: Path, progress: bool = True) -> dict:
                **{f"problem_{k}": int(v) for k, v in sorted(problems.counts.items())},
                **{f"field_{k}": v or "" for k, v in mapping.items()}}
     elapsed = time.perf_counter() - started
-    summary["_timing"] = {"download_seconds": round(elapsed, 3), "fetched_this_run": len(todo),
+    summary["_timing"] = {"download_seconds": round(elapsed, 3), "fetched_this_run": int(len(todo)),
                           "fetched_statuses": dict(fetched), "urls_per_s": round(len(todo) / max(elapsed, 1e-9), 3)}
     if progress:
         print("download: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no URLs")
