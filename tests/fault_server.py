@@ -17,6 +17,7 @@ Paths (``<name>`` is any word; the same name always gives the same image):
 ``/tofile/<name>``          302 to ``file:///etc/passwd``
 ``/big/<name>``             ``big_bytes`` of JPEG-prefixed data with its Content-Length
 ``/bigstream/<name>``       the same, chunked (no Content-Length: the client must count)
+``/gzipbomb/<name>``        a small gzip body (declared Content-Encoding) that inflates to ``big_bytes``
 ``/blob/<size>/<name>``     ``size`` bytes that start like a JPEG (benchmark bodies; cached per size)
 ==========================  =================================================================================
 
@@ -117,6 +118,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, JPEG_PREFIX + bytes(state["big_bytes"]))
         elif kind == "bigstream":
             self._stream_chunks(JPEG_PREFIX + bytes(state["big_bytes"]))
+        elif kind == "gzipbomb":
+            import gzip
+
+            body = gzip.compress(JPEG_PREFIX + bytes(state["big_bytes"]))
+            self._send(200, body, headers={"Content-Encoding": "gzip"})
         elif kind == "blob":
             size, _, _ = name.partition("/")
             self._send(200, self.server.blob(int(size)))

@@ -139,6 +139,7 @@ FAULTS = [  # path, status, requests the server sees
     ("/tofile/a", "unsafe_url", 1),
     ("/big/a", "too_large", 1),
     ("/bigstream/a", "too_large", 1),
+    ("/gzipbomb/a", "too_large", 1),
 ]
 
 

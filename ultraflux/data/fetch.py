@@ -112,7 +112,7 @@ class Fetcher:
         self.http = urllib3.PoolManager(
             num_pools=64, maxsize=int(cfg["per_host"]), retries=False,
             timeout=urllib3.Timeout(connect=min(cfg["timeout_s"], 10.0), read=cfg["timeout_s"]),
-            headers={"User-Agent": cfg["user_agent"], "Accept": "image/*"})
+            headers={"User-Agent": cfg["user_agent"], "Accept": "image/*", "Accept-Encoding": "identity"})
         self._hosts: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
 
@@ -199,12 +199,24 @@ class Fetcher:
         if declared.isdigit() and int(declared) > self.max_bytes:
             return Fetched("too_large", f"Content-Length {declared} > {self.max_bytes}", content_type=ctype,
                            **base)
-        body = bytearray()
-        for chunk in response.stream(CHUNK):
-            body += chunk
-            if len(body) > self.max_bytes:  # stop reading: the rest is never downloaded
-                return Fetched("too_large", f"more than {self.max_bytes} bytes", content_type=ctype, **base)
+        encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+        if declared.isdigit() and not encoded:  # within the cap: one read, urllib3 enforces the declared length
+            body = response.read()
+        else:
+            body = self._read_capped(response)
+        if body is None:  # stopped reading past the cap: the rest is never downloaded
+            return Fetched("too_large", f"more than {self.max_bytes} bytes", content_type=ctype, **base)
         ext = image_extension(body)
         if not ext:
             return Fetched("not_image", f"magic bytes {bytes(body[:8]).hex()}", content_type=ctype, **base)
-        return Fetched("ok", "", content_type=ctype, data=body, ext=ext, **base)  # no copy of a 4K image
+        return Fetched("ok", "", content_type=ctype, data=body, ext=ext, **base)
+
+    def _read_capped(self, response: urllib3.BaseHTTPResponse) -> bytearray | None:
+        """The (decoded) body of a response without a Content-Length or with a Content-Encoding (a small gzip body
+        may inflate past the cap), or None as soon as it exceeds the cap."""
+        body = bytearray()
+        for chunk in response.stream(CHUNK):
+            body += chunk
+            if len(body) > self.max_bytes:
+                return None
+        return body
