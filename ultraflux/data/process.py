@@ -37,8 +37,8 @@ from ultraflux.io import atomic_write_bytes, sha256_bytes, sha256_json, sha256_t
 
 from . import scorers
 from .buckets import bucket_table
-from .released import is_member_path, read_source_bytes
 from .decode import BadImage, Header, dct_reduction, decode_gray, decode_rgb, decode_small, read_header
+from .released import is_member_path, read_source_bytes
 from .stats import entropy_bits, flat_summary, is_flat, patch_flatness
 
 SCAN_VERSION = 2
