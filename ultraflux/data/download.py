@@ -6,8 +6,8 @@ for any other source it writes an empty table and says so):
 1. **spool**: stream the records (field mapping resolved first: a missing required field stops before any work),
    keep the ``data.metadata.max_records`` subset, and write each canonical record to the cache
    (``download.cache_dir``/``<key[:2]>/<key>.meta.json``, ``key`` = 16 hex digits of sha256(url)). A URL listed
-   twice is fetched once (the first record wins; the others are ``duplicate_url`` problems). Only the keys stay in
-   memory (8 bytes each, ``array('Q')``).
+   twice is fetched once (its last record is kept; ``duplicate_urls`` counts the repeats). Only the keys stay in
+   memory: 8 bytes per URL (``array('Q')``, then sorted unique ``uint64``; the keys still to fetch likewise).
 2. **fetch** every key that has no result yet (:class:`ultraflux.data.fetch.Fetcher`: bounded concurrency in total
    (``download.workers`` threads) and per host, retries, caps and checks), writing ``<key>.img`` (original bytes)
    then ``<key>.res.json`` (status, attempts, ...), each atomically. A run killed with ``kill -9`` resumes by
