@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from conftest import copy_project
 from ultraflux.config import load_params
 
-ALL_STAGES = {"curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"}
+ALL_STAGES = {"download", "curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"}
 
 
 def sh(cmd, cwd, env=None, timeout=900):

@@ -131,9 +131,11 @@ def _path_problems(params: dict) -> list[str]:
     if source and isinstance(source, str):
         p = Path(source)
         table = p.is_file() and p.suffix.lower() in (".csv", ".parquet")
-        if not table and not (p.is_dir() and os.access(p, os.R_OK | os.X_OK)):
-            problems.append(f"'data.source' must be a readable folder of images or a .csv/.parquet table "
-                            f"(or \"\" for the generated set); {source!r} is not")
+        release = p.is_file() and p.name.lower().endswith((".tar.gz", ".tgz", ".tar"))  # data/metadata.py
+        if not (table or release) and not (p.is_dir() and os.access(p, os.R_OK | os.X_OK)):
+            problems.append(f"'data.source' must be a readable folder of images, a .csv/.parquet table or the "
+                            f"released metadata (.tar.gz or a folder of JSON files) (or \"\" for the generated "
+                            f"set); {source!r} is not")
     return problems
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from ultraflux.io import atomic_path
 
-STAGES = ["curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"]
+STAGES = ["download", "curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"]
 THUMB = 384          # px, long side of an embedded sample / example thumbnail
 CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}"
        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
@@ -208,11 +208,22 @@ def _curves(outputs: Path) -> str:
     return "".join(parts) or "<p class='muted'>not run</p>"
 
 
+def _download(results: dict) -> str:
+    down = results.get("download") or {}
+    if not down.get("source_is_metadata"):
+        return "<p class='muted'>data.source is not the released metadata: nothing downloaded</p>"
+    return ("<p>One row per URL in outputs/download/status.parquet; skipped files and records in problems.jsonl. "
+            "Curation below uses scorers named released:&lt;field&gt; when curate.*.source is released, and "
+            "compares the released flatness / entropy with its own (released_*_max_abs_delta, _verdict_flips).</p>"
+            + _kv({k: v for k, v in down.items() if not isinstance(v, dict)}))
+
+
 def _curation(results: dict, outputs: Path) -> str:
     cur = results.get("curate") or {}
     if not cur:
         return "<p class='muted'>not run</p>"
-    counts = {k: v for k, v in cur.items() if k.startswith(("num_", "rejected_")) and isinstance(v, (int, float))}
+    counts = {k: v for k, v in cur.items()
+              if k.startswith(("num_", "rejected_", "released_")) and isinstance(v, (int, float))}
     parts = [_kv({"quality scorer": cur.get("quality_scorer"), "aesthetic scorer": cur.get("aesthetic_scorer"),
                   **counts})]
     manifest_path = outputs / "curated" / "manifest.parquet"
@@ -226,6 +237,8 @@ def _curation(results: dict, outputs: Path) -> str:
             for it in g["items"]:
                 scores = ", ".join(f"{k} {_fmt(v)}" for k, v in it["scores"].items())
                 caption = f"{_esc(it['source'])}<br>{_esc(scores)}"
+                if it.get("credit"):  # attribution of a released (Pexels / Unsplash) image
+                    caption += f"<br>{_esc(it['credit'])}"
                 if it["image"] is not None:
                     parts.append(_figure(it["image"], caption, long_side=256))
                 else:
@@ -295,6 +308,7 @@ def write_report(params: dict, metrics_dir: Path, outputs: Path, out_path: Path,
         ("What this run is", _expectations(params) + _header(params)),
         ("Headline numbers (the DVC metrics)", _table(headline)),
         ("Training curves", _curves(outputs)),
+        ("Download of the released metadata (MultiAspect-4K-1M)", _download(results)),
         ("Curation (seed Sec. 2.1)", _curation(results, outputs)),
         ("VAE reconstruction (seed Table 2 columns)", _vae(results, outputs)),
         ("Samples (stage-2 model; fixed prompts and seeds)", _samples(params, outputs)),

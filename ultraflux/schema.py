@@ -54,10 +54,53 @@ class Synthetic(Section):
     long_side: Annotated[int, Field(ge=64)]
 
 
+class MetadataFields(Section):                           # record keys of the released metadata ("" = auto-detect)
+    url: str
+    caption: str
+    caption_zh: str
+    quality: str
+    aesthetic: str
+    flatness: str
+    entropy: str
+    tag: str
+    work_url: str
+    photographer: str
+    photographer_url: str
+
+
+class Metadata(Section):                                 # the released MultiAspect-4K-1M metadata as a source
+    max_records: NonNegInt                               # 0 = all
+    balance_aspects: bool
+    fields: MetadataFields
+
+
 class Data(Section):
     variant: Literal["multiaspect", "baseline"]          # seed Table 1: MultiAspect-4K vs the Diffusion-4K recipe
     source: Path
     synthetic: Synthetic
+    metadata: Metadata
+
+
+class Download(Section):                                 # the download stage (released URLs -> original bytes)
+    engine: Literal["local", "ray"]
+    engine_workers: PosInt
+    workers: Annotated[int, Field(ge=1, le=1024)]
+    per_host: Annotated[int, Field(ge=1, le=1024)]
+    timeout_s: PosFloat
+    retries: Annotated[int, Field(ge=0, le=20)]
+    backoff_s: NonNegFloat
+    max_backoff_s: NonNegFloat
+    max_mb: PosFloat
+    max_redirects: Annotated[int, Field(ge=0, le=30)]
+    retry_transient: bool
+    allow_private_addresses: bool
+    user_agent: Text
+    shard_max_mb: PosInt
+    cache_dir: Text
+
+    @model_validator(mode="after")
+    def _backoff(self):
+        return _ordered(self, "backoff_s", "max_backoff_s")
 
 
 class Flat(Section):                                     # seed Sec. 2.1 "Flat-region detection"
@@ -67,6 +110,7 @@ class Flat(Section):                                     # seed Sec. 2.1 "Flat-r
 
 
 class Quality(Section):                                  # seed Sec. 2.1 "Image Quality Filtering" (Q-Align > 4.0)
+    source: Literal["computed", "released"]              # released: the metadata's Q-Align scores (data/released.py)
     weights: Path
     threshold: Annotated[float, Field(ge=1, le=5)]       # Q-Align's 1-5 scale
     standin_keep_fraction: Fraction
@@ -74,6 +118,7 @@ class Quality(Section):                                  # seed Sec. 2.1 "Image 
 
 
 class Aesthetic(Section):                                # seed Sec. 2.1 (ArtiMuse top 30%), Table 3 (stage 2: top 5%)
+    source: Literal["computed", "released"]              # released: the metadata's ArtiMuse scores
     weights: Path
     code_dir: Path                                       # a checkout of the ArtiMuse repository (its scoring code)
     keep_top: Fraction
@@ -329,6 +374,7 @@ class Params(Section):
     seed: NonNegInt
     tracking: Tracking
     data: Data
+    download: Download
     curate: Curate
     model: Model
     rope: Rope

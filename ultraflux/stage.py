@@ -28,6 +28,7 @@ from ultraflux.tracking import NullLogger, flatten, stage_run
 
 STAGE_PARAMS: dict[str, list[str]] = {
     "params": ["*"],   # validates the whole file first, so that a bad edit stops DVC before it deletes any output
+    "download": ["data", "download"],
     "curate": ["seed", "data", "curate"],
     "vae": ["seed", "model", "vae_train"],
     "diagnostics": ["model", "rope", "diagnostics"],
@@ -40,6 +41,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
 }
 # The DVC metrics of each stage (dotted keys into what the stage returns): the numbers worth a column.
 HEADLINE: dict[str, list[str]] = {
+    "download": ["num_urls", "num_ok", "ok_fraction"],
     "curate": ["num_sources", "num_kept", "num_train", "num_holdout", "num_stage2", "kept_fraction"],
     "vae": ["final_loss", "holdout_psnr", "holdout_ssim"],
     "diagnostics": ["fig3_energy_share_LL", "fig1_max_closure_err_resonance"],

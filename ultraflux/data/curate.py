@@ -43,7 +43,7 @@ import pandas as pd
 
 from ultraflux.io import atomic_path, write_json
 
-from . import process, scorers, synthetic
+from . import metadata, process, released, scorers, synthetic
 from .advice import relax_advice
 from .buckets import DEFAULT_ASPECTS, bucket_table
 from .decode import DEFAULT_MAX_PIXELS, BadImage, dct_reduction, decode_rgb, read_header
@@ -58,6 +58,7 @@ MANIFEST_COLUMNS = {
     "aesthetic": float, "aesthetic_scorer": str, "bucket": str, "width": "int64", "height": "int64", "kept": bool,
     "reason": str, "stage2": bool, "split": str, "shard": str, "key": str, "offset": "int64", "nbytes": "int64",
     "texture_rank": float, "num_patches": "int64", "upscale": float, "variant": str,
+    **released.RELEASED_COLUMNS,  # released scores and attribution (data/released.py); NaN / "" for other sources
 }
 """Manifest schema. A kept row's image is ``nbytes`` bytes at ``offset`` of ``shard`` (member ``<key>.jpg|png``);
 read it with :func:`ultraflux.data.shards.open_image`. Rejected rows have ``shard == ""``."""
@@ -97,8 +98,10 @@ def worker_config(params: dict, cache_root: Path) -> dict:
         "aspects": list(buckets.get("aspects") or DEFAULT_ASPECTS),
         "max_upscale": float(curate.get("max_upscale", 1.5)),
         "max_pixels": int(curate.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
-        "quality_standin": scorers.QUALITY_STANDIN if cheap and not qcfg.get("weights") else "",
-        "aesthetic_standin": scorers.AESTHETIC_STANDIN if cheap and not acfg.get("weights") else "",
+        "quality_standin": scorers.QUALITY_STANDIN if cheap and not qcfg.get("weights")
+        and qcfg.get("source") != "released" else "",
+        "aesthetic_standin": scorers.AESTHETIC_STANDIN if cheap and not acfg.get("weights")
+        and acfg.get("source") != "released" else "",
         "image_format": curate.get("image_format", "jpeg"),
         "image_quality": int(curate.get("image_quality", 95)),
         "shard_max_bytes": int(curate.get("shard_max_mb", 1024)) << 20,
@@ -115,6 +118,8 @@ def resolve_source(params: dict, out_dir: Path) -> Path:
     """The source folder/table, generating the procedural set under out_dir/source when data.source is ""."""
     data = params.get("data", {}) or {}
     source = data.get("source", "") or ""
+    if source and metadata.is_metadata_source(source):  # the released metadata: curate what the download fetched
+        return released.download_output(out_dir)
     if source:
         path = Path(source)
         if not path.exists():
@@ -150,14 +155,14 @@ def build_rows(items, records, cfg: dict) -> tuple[pd.DataFrame, np.ndarray]:
             if upscale > cfg["max_upscale"] + 1e-9:
                 row["error"] = "too_small"
         rows.append(row)
-    frame = pd.DataFrame(rows)
+    frame = pd.concat([pd.DataFrame(rows), released.released_columns(items)], axis=1)
     for col in ("quality", "aesthetic", "entropy", "upscale", "s_flat_fraction", "s_flat_mean"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     return frame, patch_hist
 
 
 def _learned_inputs(path: str) -> np.ndarray:
-    data = Path(path).read_bytes()
+    data = released.read_source_bytes(path)
     header = read_header(data)
     reduce = dct_reduction(header.width, header.height, LEARNED_MIN_SIDE) if header.fast_jpeg else 1
     return decode_rgb(data, header, reduce=reduce, orient=False)  # stored orientation, as the public tool
@@ -322,6 +327,8 @@ def run_curation(params: dict, out_dir: Path, progress: bool = True) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         items = list_sources(resolve_source(params, out_dir))
 
+    if variant == "multiaspect":
+        released.require_released(items, curate)
     scan_dir, render_dir = Path(cfg["scan_dir"]), Path(cfg["render_dir"])
     swept = process.sweep_temporary(scan_dir) + process.sweep_temporary(render_dir)
     tasks = [{"path": it.path, "caption_error": it.caption_error, "cfg": cfg} for it in items]
@@ -336,11 +343,15 @@ def run_curation(params: dict, out_dir: Path, progress: bool = True) -> dict:
                     & (rows["entropy"] >= cfg["entropy_min"]))
         quality_name = scorers.scorer_name("quality", qcfg)
         aesthetic_name = scorers.scorer_name("aesthetic", acfg)
-        quality_learned = bool(qcfg.get("weights"))
+        quality_learned = bool(qcfg.get("weights")) or qcfg.get("source") == "released"
         n = 1 if engine != "local" else max(1, min(4, int(workers or os.cpu_count() or 1)))
-        if quality_learned:
+        if qcfg.get("source") == "released":  # the release's Q-Align scores, labelled released:<field>
+            quality_name = released.use_released(rows, "quality", items)
+        elif quality_learned:
             quality_name = score_learned(rows, cheap_ok, "quality", qcfg, scan_dir, n, progress)
-        if acfg.get("weights"):
+        if acfg.get("source") == "released":
+            aesthetic_name = released.use_released(rows, "aesthetic", items)
+        elif acfg.get("weights"):
             aesthetic_name = score_learned(rows, cheap_ok, "aesthetic", acfg, scan_dir, n, progress)
     else:
         rows["quality"] = float("nan")
@@ -410,6 +421,8 @@ def summarize(manifest: pd.DataFrame, used: dict, cfg: dict, curate: dict) -> di
         if manifest["s_flat_fraction"].notna().any() else float("nan"),
     }
     metrics.update({f"rejected_{k}": v for k, v in removal_counts(manifest).items()})
+    if manifest[["released_flatness", "released_entropy"]].notna().any(axis=None):  # a data-integrity check
+        metrics.update(released.agreement(manifest, cfg["flat_max_fraction"], cfg["entropy_min"]))
     for name, count in kept["bucket"].value_counts().sort_index().items():
         metrics[f"bucket_{name}"] = int(count)
     for key, value in used.items():

@@ -9,6 +9,7 @@ Accepted layouts, tried in this order:
    ``text``), or ``metadata.csv`` / ``metadata.parquet`` with the columns of (1). Images in the folder that the
    metadata does not list are still sources, with no caption.
 3. a folder of images with sidecar captions: ``photo.jpg`` + ``photo.txt``.
+4. a folder of WebDataset tars (the download stage's output, img2dataset's output): :mod:`ultraflux.data.released`.
 
 Images are the entries (recursively, hidden ones skipped) with an image extension that are not folders; a file with
 an image extension that is not an image (e.g. text named .jpg), a dangling symlink or a special file is still listed,
@@ -21,7 +22,7 @@ bytes that are not UTF-8 -> ``"bad_caption: not UTF-8 (...)"``. A UTF-8 BOM is a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
@@ -37,6 +38,7 @@ class SourceItem:
     path: str
     caption: str = ""
     caption_error: str = ""
+    meta: dict = field(default_factory=dict)  # released fields + attribution (WebDataset sources: data/released.py)
 
 
 class SourceError(Exception):
@@ -123,6 +125,10 @@ def list_sources(source: str | Path) -> list[SourceItem]:
             caption, error = decode_caption(raw if isinstance(raw, (str, bytes)) else None)
             items.append(SourceItem(str(root.parent / rel), caption, error))
         return sorted(items, key=lambda it: it.path)
+    from .released import is_webdataset, list_webdataset
+
+    if is_webdataset(root):  # the download stage's shards or img2dataset's output: images stay in their tars
+        return [SourceItem(path, *decode_caption(txt), meta) for path, txt, meta in list_webdataset(root)]
     try:
         files = _image_files(root)
     except OSError as err:

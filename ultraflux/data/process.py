@@ -38,6 +38,7 @@ from ultraflux.io import atomic_write_bytes, sha256_bytes, sha256_json, sha256_t
 from . import scorers
 from .buckets import bucket_table
 from .decode import BadImage, Header, dct_reduction, decode_gray, decode_rgb, decode_small, read_header
+from .released import is_member_path, read_source_bytes
 from .stats import entropy_bits, flat_summary, is_flat, patch_flatness
 
 SCAN_VERSION = 2
@@ -92,6 +93,12 @@ def sweep_temporary(directory: str | Path) -> int:
 def read_source(path: str) -> tuple[bytes | None, str, str]:
     """(bytes or None, id, error) for one source path; errors are stable strings (no address, no path)."""
     p = Path(path)
+    if is_member_path(path):  # an image inside a WebDataset tar (data/released.py)
+        try:
+            data = read_source_bytes(path)
+        except OSError as err:
+            return None, sha256_text(f"missing:{path}")[:16], f"unreadable: {err.strerror or err}"
+        return data, sha256_bytes(data)[:16], ""
     try:
         if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block the worker; sockets, devices: no image
             return None, sha256_text(f"missing:{path}")[:16], "unreadable: not a regular file"
