@@ -20,6 +20,7 @@ from data_fixtures import bomb_png, exif_rotated_jpeg, jpeg_bytes, png_bytes, te
 from ultraflux.cli.curate_stats import main as cli_curate_stats
 from ultraflux.config import load_params
 from ultraflux.data import process
+from ultraflux.data.cache_entries import RESERVED, ROOT_LOCK
 from ultraflux.data.curate import MANIFEST_COLUMNS, TooFewImages, run_curation
 from ultraflux.data.ingest import SourceError
 from ultraflux.data.shards import iter_shard, open_image, read_image_bytes
@@ -28,21 +29,16 @@ PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def base_params(**curate_overrides) -> dict:
-    params = load_params(PARAMS_FILE) if PARAMS_FILE.is_file() else {}
-    params = copy.deepcopy(params)
-    params.setdefault("seed", 0)
-    params.setdefault("data", {}).update({"variant": "multiaspect", "source": "",
-                                          "synthetic": {"num_images": 20, "long_side": 768}})
-    curate = params.setdefault("curate", {})
+    """params.yaml with a small synthetic set and one worker; ``curate_overrides`` replace keys of ``curate`` (a
+    dict value is merged into its sub-section), so the result stays schema-valid."""
+    params = copy.deepcopy(load_params(PARAMS_FILE))
+    params["data"].update({"variant": "multiaspect", "source": "", "synthetic": {"num_images": 20, "long_side": 768}})
+    curate = params["curate"]
     curate.update({"engine": "local", "workers": 1, "cache_dir": "", "min_train_images": 1, "min_holdout_images": 0,
-                   "flat": {"patch": 240, "threshold": 800.0, "max_fraction": 0.5}, "gray": "luma",
-                   "entropy_min": 7.0, "max_upscale": 1.5, "holdout_fraction": 0.1, "image_format": "jpeg",
-                   "image_quality": 95, "shard_max_mb": 1024,
-                   "quality": {"weights": "", "threshold": 4.0, "standin_keep_fraction": 0.9},
-                   "aesthetic": {"weights": "", "keep_top": 0.3, "stage2_top": 0.05},
-                   "buckets": {"scale": 0.125, "aspects": ["1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1",
-                                                           "1:2", "2.39:1", "1:2.39"]}})
-    curate.update(curate_overrides)
+                   "holdout_fraction": 0.1, "image_format": "jpeg", "shard_max_mb": 1024})
+    curate["aesthetic"]["stage2_top"] = 0.05
+    for key, value in curate_overrides.items():
+        curate[key] = {**curate[key], **value} if isinstance(value, dict) else value
     return params
 
 
@@ -163,7 +159,8 @@ def test_resume_after_a_kill_in_either_pass(tmp_path, monkeypatch):
     scan, render = Counter(monkeypatch, "analyze"), Counter(monkeypatch, "render")
     metrics = run_curation(params, out, progress=False)
     assert scan.n == 0 and render.n == metrics["num_kept"] - 2  # two bucket images were done before the kill
-    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in (".params.json", ".cache")]
+    bookkeeping = {".params.json", ".cache", ROOT_LOCK, *RESERVED}  # no temporary is left behind
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in bookkeeping]
 
 
 def test_stray_temporary_files_are_swept(synthetic_run):
@@ -205,7 +202,7 @@ def test_guard_stops_with_the_key_and_the_removals(tmp_path):
 
 
 def bad_input_source(src: Path) -> dict[str, str]:
-    """32 entries: broken, truncated, zero-byte, mislabelled, dangling-link, unreadable and odd files beside good
+    """33 entries: broken, truncated, zero-byte, mislabelled, dangling-link, unreadable and odd files beside good
     ones; returns name -> the reason (or reason prefix) expected for it."""
     src.mkdir()
     good = textured(512, 384, seed=1)
@@ -242,7 +239,7 @@ def bad_input_source(src: Path) -> dict[str, str]:
     add("emptycaption.jpg", jpeg_bytes(textured(512, 384, seed=12)), "no_caption", caption=b"   \n")
     add("latin1.jpg", jpeg_bytes(textured(512, 384, seed=13)), "bad_caption: not UTF-8",
         caption="caf\xe9 au lait".encode("latin-1"))
-    add("zz_duplicate.jpg", jpeg_bytes(good), "duplicate: " + str(src / "good.jpg"))
+    add("zz_duplicate.jpg", jpeg_bytes(good), "duplicate: good.jpg")  # the first in sorted order, relative
     add("flat.png", png_bytes(Image.fromarray(np.full((384, 512, 3), 90, np.uint8))), "flat")
     add("webp.webp", _webp(textured(512, 384, seed=16)), "")
     add("gif.gif", _gif(textured(512, 384, seed=17)), "~")
@@ -257,12 +254,13 @@ def bad_input_source(src: Path) -> dict[str, str]:
     expect["dangling.jpg"] = "unreadable: dangling symlink"
     os.symlink(src / "good.jpg", src / "zz_link_to_good.jpg")
     (src / "zz_link_to_good.txt").write_text("same bytes through a link")
-    expect["zz_link_to_good.jpg"] = "duplicate: " + str(src / "good.jpg")
+    expect["zz_link_to_good.jpg"] = "duplicate: good.jpg"
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(src / "socket.jpg"))  # unreadable even for root
     sock.close()
     expect["socket.jpg"] = "unreadable: not a regular file"
-    (src / "folder.jpg").mkdir()  # a folder with an image name is a folder, not a source
+    (src / "folder.jpg").mkdir()  # a folder with an image name gets its row, and its images are sources
+    expect["folder.jpg"] = "unreadable: is a directory"
     (src / "folder.jpg" / "inner.png").write_bytes(png_bytes(Image.fromarray(textured(512, 384, seed=22))))
     (src / "folder.jpg" / "inner.txt").write_text("nested")
     expect["inner.png"] = ""
@@ -300,7 +298,7 @@ def bad_input_params(src: Path, **overrides) -> dict:
 
 def check_bad_inputs(df: pd.DataFrame, expect: dict[str, str]) -> None:
     reason = dict(zip(df["source"].map(lambda s: Path(s).name), df["reason"]))
-    assert sorted(reason) == sorted(expect) and len(df) == len(expect) == 32  # one row per path, none lost
+    assert sorted(reason) == sorted(expect) and len(df) == len(expect) == 33  # one row per path, none lost
     for name, want in expect.items():
         if want == "~":  # readable; the texture filters may or may not keep it
             assert reason[name] in ("", "flat", "low_entropy"), (name, reason[name])
@@ -309,6 +307,7 @@ def check_bad_inputs(df: pd.DataFrame, expect: dict[str, str]) -> None:
         else:
             assert reason[name] == want, (name, reason[name])
     assert not df["reason"].str.contains("0x|<_io", regex=True).any()  # no memory addresses
+    assert not df["reason"].str.contains(r"\d|/", regex=True).any()  # no byte counts, no paths: stable reasons
 
 
 def test_bad_inputs_each_get_one_row_and_a_stable_reason(tmp_path):
@@ -321,7 +320,7 @@ def test_bad_inputs_each_get_one_row_and_a_stable_reason(tmp_path):
     assert rotated["bucket"] == "3:4"
     im = open_image(tmp_path / "out", rotated.to_dict())
     assert im.size == (rotated["width"], rotated["height"]) and im.height > im.width
-    assert metrics["num_sources"] == 32 and metrics["rejected_decompression_bomb"] == 1
+    assert metrics["num_sources"] == 33 and metrics["rejected_decompression_bomb"] == 1
     row = df[df["source"].str.endswith("bomb.png")].iloc[0]
     assert np.isnan(row["entropy"]) and row["shard"] == "" and not row["kept"]
 
