@@ -107,8 +107,9 @@ def _where_it_belongs(loc: tuple) -> str:
     name = str(loc[-1])
     sections = [k.rpartition(".")[0] for k in known_keys() if k.rpartition(".")[2] == name and "." in k]
     if sections:
-        here = f", not of '{_dotted(loc[:-1])}'" if len(loc) > 1 else ""
-        return f" ('{name}' is a key of the section {' / '.join(sections)}{here})"
+        where = ", ".join(sections[:-1]) + (" or " if len(sections) > 1 else "") + sections[-1]
+        here = f", not in '{_dotted(loc[:-1])}'" if len(loc) > 1 else ", not at the top level"
+        return f" (it belongs in {where}{here})"
     close = difflib.get_close_matches(name, _siblings(loc), n=1, cutoff=0.5)
     return f" (did you mean '{_dotted(loc[:-1] + (close[0],))}'?)" if close else ""
 

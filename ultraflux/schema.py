@@ -116,7 +116,7 @@ class Curate(Section):
     # Defaults below (the seed's values) are what `ultraflux curate-stats` applies outside a repository.
     gray: Literal["luma", "opencv"] = "opencv"           # opencv: the public tool, bit-exact; luma: JPEG's Y (fast)
     flat: Flat = Field(default_factory=Flat)
-    entropy_min: Annotated[float, Field(ge=0, le=8)] = 7.0   # seed Sec. 2.1: 7.0 bits; 8-bit gray has at most 8; 0 = off
+    entropy_min: Annotated[float, Field(ge=0, le=8)] = 7.0   # seed Sec. 2.1: 7.0 bits (8-bit gray: <= 8); 0 = off
     quality: Quality
     aesthetic: Aesthetic
     buckets: Buckets = Field(default_factory=Buckets)

@@ -389,10 +389,11 @@ def score_candidates(rows: pd.DataFrame, params: Params, cfg: dict, progress: bo
     scan_dir = Path(cfg["scan_dir"])
     rows["quality_scorer"] = scorers.scorer_name("quality", qcfg)
     rows["aesthetic_scorer"] = scorers.scorer_name("aesthetic", acfg)
-    if qcfg["weights"]:
-        rows["quality_scorer"] = score_learned(rows, cheap_ok, "quality", qcfg, scan_dir, workers, progress)
-    if acfg["weights"]:
-        rows["aesthetic_scorer"] = score_learned(rows, cheap_ok, "aesthetic", acfg, scan_dir, workers, progress)
+    with naming_disk_full(scan_dir):  # the scores' cache file
+        if qcfg["weights"]:
+            rows["quality_scorer"] = score_learned(rows, cheap_ok, "quality", qcfg, scan_dir, workers, progress)
+        if acfg["weights"]:
+            rows["aesthetic_scorer"] = score_learned(rows, cheap_ok, "aesthetic", acfg, scan_dir, workers, progress)
     return bool(qcfg["weights"])
 
 

@@ -1,8 +1,10 @@
-"""The per-image keep/reject rule of seed Sec. 2.1, written once.
+"""The per-image keep/reject rule of seed Sec. 2.1 (and the bucket limit of Sec. 2.2), written once.
 
-An image is ``flat`` when MORE than ``curate.flat.max_fraction`` of its full patches are texture-poor (S_flat below
-``curate.flat.threshold``, see :func:`ultraflux.data.stats.flat_summary`), else ``low_entropy`` when its gray-level
-entropy H is below ``curate.entropy_min`` (or is not a number), else it passes ("").
+An image is ``too_small`` when it would need more than ``curate.max_upscale`` upscaling to fill its aspect bucket
+(:func:`needs_too_much_upscale`); otherwise it is ``flat`` when MORE than ``curate.flat.max_fraction`` of its full
+patches are texture-poor (S_flat below ``curate.flat.threshold``, see :func:`ultraflux.data.stats.flat_summary`),
+else ``low_entropy`` when its gray-level entropy H is below ``curate.entropy_min`` (or is not a number), else it
+passes ("").
 
 Every caller applies this function to the statistics exactly as computed (float64), never rounded first: pass 1 in
 every engine (:func:`ultraflux.data.process.is_candidate`, local and Ray), the stage's candidate mask and the
