@@ -32,6 +32,9 @@ def edited(params, key, value, delete=False):
 WRONG_EDITS = [
     ("dit_stage1.stepz", 5, "'dit_stage1.stepz' is not a known key (did you mean 'dit_stage1.steps'?)"),
     ("curate.flat.treshold", 1, "'curate.flat.treshold' is not a known key (did you mean 'curate.flat.threshold'?)"),
+    ("curate.checkpoint_every", 5, "'curate.checkpoint_every' is not a known key (it belongs in vae_train, "
+     "dit_stage1 or dit_stage2, not in 'curate')"),   # a key put in the wrong section
+    ("shift", 3.0, "'shift' is not a known key (it belongs in dit_stage1 or dit_stage2, not at the top level)"),
     ("vae_train.checkpoint_every", 0, "'vae_train.checkpoint_every' must be greater than or equal to 1"),
     ("curate.max_image_pixels", "big", "'curate.max_image_pixels' must be a valid integer"),
     ("curate.entropy_min", 70, "'curate.entropy_min' must be less than or equal to 8"),

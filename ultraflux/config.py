@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ultraflux.io import atomic_path
-from ultraflux.schema import Params
+from ultraflux.schema import Params, known_keys
 
 PARAMS_FILE = "params.yaml"
 
@@ -101,13 +101,24 @@ def _siblings(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _where_it_belongs(loc: tuple) -> str:
+    """The hint for an unknown key: the section(s) that have a key of that name (a key put in the wrong section),
+    else the closest key of its own section (a typo), else ""."""
+    name = str(loc[-1])
+    sections = [k.rpartition(".")[0] for k in known_keys() if k.rpartition(".")[2] == name and "." in k]
+    if sections:
+        where = ", ".join(sections[:-1]) + (" or " if len(sections) > 1 else "") + sections[-1]
+        here = f", not in '{_dotted(loc[:-1])}'" if len(loc) > 1 else ", not at the top level"
+        return f" (it belongs in {where}{here})"
+    close = difflib.get_close_matches(name, _siblings(loc), n=1, cutoff=0.5)
+    return f" (did you mean '{_dotted(loc[:-1] + (close[0],))}'?)" if close else ""
+
+
 def _describe(err: dict) -> str:
     loc, kind = tuple(err["loc"]), err["type"]
     key = _dotted(loc)
     if kind == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _siblings(loc), n=1, cutoff=0.5)
-        hint = f" (did you mean '{_dotted(loc[:-1] + (close[0],))}'?)" if close else ""
-        return f"'{key}' is not a known key{hint}"
+        return f"'{key}' is not a known key{_where_it_belongs(loc)}"
     if kind == "missing":
         return f"missing key '{key}'"
     msg = err["msg"].removeprefix("Value error, ")
@@ -158,6 +169,17 @@ def validate(params: dict, source: str | os.PathLike = PARAMS_FILE, check_paths:
 
 def load_validated(path: str | os.PathLike = PARAMS_FILE, check_paths: bool = True) -> dict:
     return validate(load_params(path), path, check_paths)
+
+
+def typed(params: dict | Params, source: str | os.PathLike = PARAMS_FILE) -> Params:
+    """The typed :class:`~ultraflux.schema.Params` of a params dict, schema defaults filled in (raises
+    :class:`ParamsError` naming ``source`` and every bad key); a ``Params`` is returned as it is."""
+    if isinstance(params, Params):
+        return params
+    try:
+        return Params.model_validate(params)
+    except ValidationError as e:
+        raise ParamsError([_describe(err) for err in e.errors(include_url=False)], source) from None
 
 
 def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLike = PARAMS_FILE) -> list[str]:

@@ -5,10 +5,14 @@ writers that need a path, files or directories) and :func:`atomic_write_bytes` /
 :func:`write_json` built on it (flushed and fsynced before the rename). Every temporary lives in its own
 ``mkdtemp`` folder beside the target, so concurrent writers (threads or processes) never share a temporary name.
 
+A full disk: :class:`DiskFull` (an ENOSPC that names the path being written, in one line) and
+:func:`naming_disk_full` (turns an ENOSPC inside a block into it).
+
 Hashes: sha256 hex digests of bytes, text (UTF-8), a file (streamed) and a JSON-able object (sorted keys).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -52,6 +56,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as indented JSON with sorted keys (non-JSON values as ``str``), written atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------- full disk
+class DiskFull(OSError):
+    """No space left on the device (ENOSPC) while writing ``path``; ``str()`` is one line naming it."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+
+    def __str__(self) -> str:
+        return f"no space left on device (ENOSPC) while writing {self.filename}: free space there and rerun"
+
+
+@contextmanager
+def naming_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an ENOSPC from inside the block as :class:`DiskFull` naming ``path`` (or the file the error names)."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise DiskFull(err.filename or path) from err
 
 
 # ----------------------------------------------------------------------------------------------------------- hashes

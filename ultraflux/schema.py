@@ -104,9 +104,9 @@ class Download(Section):                                 # the download stage (r
 
 
 class Flat(Section):                                     # seed Sec. 2.1 "Flat-region detection"
-    patch: Annotated[int, Field(ge=8)]                   # 240
-    threshold: PosFloat                                  # 800
-    max_fraction: Fraction                               # 0.5
+    patch: Annotated[int, Field(ge=8)] = 240
+    threshold: PosFloat = 800.0
+    max_fraction: Fraction = 0.5
 
 
 class Quality(Section):                                  # seed Sec. 2.1 "Image Quality Filtering" (Q-Align > 4.0)
@@ -145,8 +145,8 @@ def _ordered(section: BaseModel, low: str, high: str) -> BaseModel:
 
 
 class Buckets(Section):                                  # seed Sec. 2.2 "bucketed resolution scheme"
-    scale: PosFloat                                      # 1.0 = the 4K table
-    aspects: Annotated[list[Aspect], Field(min_length=1)]
+    scale: PosFloat = 1.0                                # 1.0 = the 4K table
+    aspects: Annotated[list[Aspect], Field(min_length=1)] = list(ASPECTS)
 
     @model_validator(mode="after")
     def _unique(self):
@@ -158,14 +158,15 @@ class Buckets(Section):                                  # seed Sec. 2.2 "bucket
 class Curate(Section):
     engine: Literal["local", "ray"]
     workers: NonNegInt                                   # 0 = every core
-    gray: Literal["luma", "opencv"]                      # luma: JPEG's own Y plane (fast); opencv: the public tool
-    flat: Flat
-    entropy_min: Annotated[float, Field(gt=0, le=8)]     # seed Sec. 2.1: 7.0 bits; 8-bit gray has at most 8
+    # Defaults below (the seed's values) are what `ultraflux curate-stats` applies outside a repository.
+    gray: Literal["luma", "opencv"] = "opencv"           # opencv: the public tool, bit-exact; luma: JPEG's Y (fast)
+    flat: Flat = Field(default_factory=Flat)
+    entropy_min: Annotated[float, Field(ge=0, le=8)] = 7.0   # seed Sec. 2.1: 7.0 bits (8-bit gray: <= 8); 0 = off
     quality: Quality
     aesthetic: Aesthetic
-    buckets: Buckets
-    max_upscale: Annotated[float, Field(ge=1)]
-    max_image_pixels: PosInt
+    buckets: Buckets = Field(default_factory=Buckets)
+    max_upscale: Annotated[float, Field(ge=1)] = 1.5
+    max_image_pixels: PosInt = 200_000_000
     cache_dir: Path
     holdout_fraction: Annotated[float, Field(ge=0, lt=1)]
     image_format: Literal["jpeg", "png"]                 # shard encoding: JPEG (image_quality) or lossless PNG

@@ -11,6 +11,8 @@ import math
 
 import pandas as pd
 
+from ultraflux.schema import Curate
+
 
 def _floor(x: float, digits: int = 4) -> float:
     return math.floor(x * 10**digits) / 10**digits
@@ -26,8 +28,9 @@ def _line(reason: str, removed: int, k: int, change: str, all_change: str) -> st
     return f"{reason} ({removed} removed): {change} to let {more} past this filter{tail}"
 
 
-def relax_advice(rows: pd.DataFrame, curate: dict, wanted: int) -> list[str]:
-    """One line per rejection reason that removed images: ``wanted`` is how many more images the run needed."""
+def relax_advice(rows: pd.DataFrame, curate: Curate, wanted: int) -> list[str]:
+    """One line per rejection reason that removed images (``curate``: the validated section); ``wanted`` is how
+    many more images the run needed."""
     reason = rows["reason"].fillna("").astype(str).str.split(":").str[0].str.strip()
     lines = []
 
@@ -38,7 +41,7 @@ def relax_advice(rows: pd.DataFrame, curate: dict, wanted: int) -> list[str]:
     if len(too_small):
         need = sorted(too_small["upscale"].dropna())
         k = min(wanted, len(need))
-        scale, up = float(curate["buckets"]["scale"]), float(curate["max_upscale"])
+        scale, up = float(curate.buckets.scale), float(curate.max_upscale)
         if need:
             lines.append(_line("too_small", len(too_small), k,
                                f"raise curate.max_upscale from {up:g} to {_ceil(need[k - 1], 3):g}, or lower "
@@ -49,14 +52,14 @@ def relax_advice(rows: pd.DataFrame, curate: dict, wanted: int) -> list[str]:
         frac = sorted(flat["s_flat_fraction"])
         k = min(wanted, len(frac))
         lines.append(_line("flat", len(flat), k, f"raise curate.flat.max_fraction from "
-                           f"{float(curate['flat']['max_fraction']):g} to {_ceil(frac[k - 1]):g}",
+                           f"{float(curate.flat.max_fraction):g} to {_ceil(frac[k - 1]):g}",
                            f"{_ceil(frac[-1]):g}"))
     low_entropy = rejected("low_entropy")
     if len(low_entropy):
         ent = sorted(low_entropy["entropy"], reverse=True)
         k = min(wanted, len(ent))
         lines.append(_line("low_entropy", len(low_entropy), k, f"lower curate.entropy_min from "
-                           f"{float(curate['entropy_min']):g} to {_floor(ent[k - 1]):g}", f"{_floor(ent[-1]):g}"))
+                           f"{float(curate.entropy_min):g} to {_floor(ent[k - 1]):g}", f"{_floor(ent[-1]):g}"))
     low_quality = rejected("low_quality")
     if len(low_quality):
         k = min(wanted, len(low_quality))
@@ -65,14 +68,14 @@ def relax_advice(rows: pd.DataFrame, curate: dict, wanted: int) -> list[str]:
         if scorer.startswith("standin"):
             reached = int(reason.isin(["low_quality", "low_aesthetic", ""]).sum())
             passed = reached - len(low_quality)
-            frac = float(curate["quality"]["standin_keep_fraction"])
+            frac = float(curate.quality.standin_keep_fraction)
             lines.append(_line("low_quality", len(low_quality), k, f"raise curate.quality.standin_keep_fraction from "
                                f"{frac:g} to {_ceil((passed + k) / reached, 3):g}", "1.0"))
         else:
             q = sorted(low_quality["quality"].dropna(), reverse=True)
             if q:
                 lines.append(_line("low_quality", len(low_quality), k, f"lower curate.quality.threshold from "
-                                   f"{float(curate['quality']['threshold']):g} to below {q[k - 1]:.4g}",
+                                   f"{float(curate.quality.threshold):g} to below {q[k - 1]:.4g}",
                                    f"below {q[-1]:.4g}"))
     low_aesthetic = rejected("low_aesthetic")
     if len(low_aesthetic):
@@ -80,6 +83,6 @@ def relax_advice(rows: pd.DataFrame, curate: dict, wanted: int) -> list[str]:
         reached = int(reason.isin(["low_aesthetic", ""]).sum())
         passed = reached - len(low_aesthetic)
         lines.append(_line("low_aesthetic", len(low_aesthetic), k, f"raise curate.aesthetic.keep_top from "
-                           f"{float(curate['aesthetic']['keep_top']):g} to {_ceil((passed + k) / reached, 3):g}",
+                           f"{float(curate.aesthetic.keep_top):g} to {_ceil((passed + k) / reached, 3):g}",
                            "1.0"))
     return lines
