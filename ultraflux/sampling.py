@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ultraflux.data.buckets import bucket_table
 from ultraflux.io import atomic_path
 
-SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload")   # ``sample`` keys a command line may override
+SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload", "rope_from")   # ``sample`` keys a command may override
 
 
 def image_size(params: dict, aspect: str) -> tuple[int, int]:
