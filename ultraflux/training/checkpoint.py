@@ -38,13 +38,15 @@ from pathlib import Path
 
 from ultraflux.io import StageFailure, atomic_write_text, naming_disk_full, sha256_json
 from ultraflux.tracking import flatten
+from ultraflux.training.loop import decided_by_main
 
 FINGERPRINT = "fingerprint.json"
-# Keys of a training section that never change the weights at a given step: how far to train, how often to
-# validate / checkpoint / evaluate, how many checkpoints to keep, how data is loaded, whether activations are
-# recomputed (same arithmetic). Everything else in the sections a loop passes is part of its trajectory.
+# Keys (leaf names) that never change the weights at a given step: how far to train, how often to validate /
+# checkpoint / evaluate, how many checkpoints to keep, how data is loaded, whether activations are recomputed (same
+# arithmetic). Everything else in the sections a loop passes is part of its trajectory.
 NOT_TRAJECTORY = frozenset({"steps", "val_every", "eval_every", "eval_images", "checkpoint_every", "keep_checkpoints",
-                            "num_workers", "prefetch_factor", "gradient_checkpointing"})
+                            "num_workers", "prefetch_factor", "gradient_checkpointing",
+                            "max_scale"})   # rope.max_scale: where a warning starts, never a clamp
 
 
 class CheckpointMismatch(StageFailure):
@@ -136,15 +138,7 @@ class Checkpointer:
 
         ``pending``: trajectory keys not known yet (e.g. data keys computed by the latent cache); a first call with
         them settles everything else before that work, a second call with the full fingerprint completes it."""
-        error = None
-        if self.is_main:
-            try:
-                self._reconcile(fp, steps, pending)
-            except CheckpointMismatch as e:
-                error = str(e)
-        error = self._broadcast(error)
-        if error:
-            raise CheckpointMismatch(error)
+        decided_by_main(self.accelerator, lambda: self._reconcile(fp, steps, pending))
 
     def _reconcile(self, fp: Fingerprint, steps: int, pending: tuple[str, ...]) -> None:
         stored = self.stored()
@@ -191,13 +185,6 @@ class Checkpointer:
                 f"{self.label}: {self.dir} holds checkpoints of this run at steps "
                 f"{', '.join(str(self.step_of(p)) for p in found)}, all beyond steps={steps}; set steps >= "
                 f"{self.step_of(found[0])} to continue from one of them, or move {self.dir} aside to train from step 0")
-
-    def _broadcast(self, value):
-        if self.accelerator is None or self.accelerator.num_processes == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([value])[0]
 
     # ------------------------------------------------------------------------------------------------ save / load
     def resume(self, accelerator, state: TrainState, steps: int) -> Path | None:

@@ -29,7 +29,8 @@ from ultraflux.losses import dit_loss
 from ultraflux.training.cache import build_cache, load_encoders
 from ultraflux.training.checkpoint import Checkpointer, Fingerprint, TrainState
 from ultraflux.training.flow import predict_velocity, sample_sigmas
-from ultraflux.training.loop import check_disk_space, check_finite, checkpoint_bytes, disk_needs, rng_neutral
+from ultraflux.training.loop import (check_disk_space, check_finite, checkpoint_bytes, decided_by_main, disk_needs,
+                                     rng_neutral)
 from ultraflux.training.memory import gradient_checkpointing, peak_memory
 from ultraflux.training.sampler import BucketBatchSampler
 from ultraflux.training.validation import VAL_COLUMNS, sample_images, validate
@@ -95,13 +96,13 @@ def check_dit_disk(params: dict, stage: str, accelerator, ckpt: Checkpointer, ou
     """Room for ``keep_checkpoints`` + 1 checkpoints and the final weights, before the cache is built."""
     from ultraflux.models.transformer import parameter_count
 
-    if not accelerator.is_main_process:
-        return
-    n = parameter_count(params["model"], init_transformer)
-    per = checkpoint_bytes(n, n, mixed_precision=accelerator.mixed_precision != "no")
-    keep_key = f"{stage}.keep_checkpoints"
-    check_disk_space(stage, disk_needs(keep_key, ckpt.dir, Path(out_dir), per, n * 4, params[stage]["keep_checkpoints"],
-                                       len(ckpt.checkpoints())), keep_key)
+    def check() -> None:
+        n = parameter_count(params["model"], init_transformer)
+        per = checkpoint_bytes(n, n, mixed_precision=accelerator.mixed_precision != "no")
+        keep_key = f"{stage}.keep_checkpoints"
+        check_disk_space(stage, disk_needs(keep_key, ckpt.dir, Path(out_dir), per, n * 4,
+                                           params[stage]["keep_checkpoints"], len(ckpt.checkpoints())), keep_key)
+    decided_by_main(accelerator, check)
 
 
 def write_curves(out_dir: Path, state: TrainState) -> None:

@@ -9,6 +9,7 @@ loss and gradient norm at every step, and evaluations that leave the random stat
   metrics are written (``ultraflux.stage.run_stage`` exits 1 and the MLflow run ends FAILED with the reason).
 * :func:`rng_neutral`: validation and evaluation run inside it, so how often they run (``val_every``, the final step)
   cannot change the trajectory.
+* :func:`decided_by_main`: a check made by the main process alone whose failure stops every process.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -84,6 +85,23 @@ def disk_needs(keep_key: str, ckpt_dir: Path | None, out_dir: Path, per_checkpoi
         needs[Path(ckpt_dir)] = (count * per_checkpoint,
                                  f"{count} checkpoint(s) of ~{per_checkpoint:,} bytes ({keep_key} + 1)")
     return needs
+
+
+def decided_by_main(accelerator, check: Callable[[], None]) -> None:
+    """Run ``check`` on the main process only; a :class:`StageFailure` it raises is raised on every process (a
+    broadcast), so all stop together instead of the others waiting at the next collective."""
+    error = None
+    if accelerator is None or accelerator.is_main_process:
+        try:
+            check()
+        except StageFailure as e:
+            error = (type(e), str(e))
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise error[0](error[1])
 
 
 @contextmanager
