@@ -12,7 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from ultraflux.pipelines.pipeline_ultraflux import DECODE_MODES, OFFLOAD_MODES, TILING_MODES
+from typing import get_args
+
+from ultraflux.schema import Sample
+
+
+def _choices(key: str) -> tuple[str, ...]:
+    """The values params.yaml's ``sample.<key>`` accepts (the schema's), without importing torch for ``--help``."""
+    return get_args(Sample.model_fields[key].annotation)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,10 +33,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--transformer", default="outputs/dit_stage2/transformer",
                     help="transformer directory (or a pipeline directory with transformer/)")
     ap.add_argument("--vae", default="outputs/vae/vae", help="VAE directory (or a pipeline directory with vae/)")
-    ap.add_argument("--vae-tiling", choices=TILING_MODES, default=None, help="default: sample.vae_tiling")
-    ap.add_argument("--vae-decode", choices=DECODE_MODES, default=None, help="default: sample.vae_decode")
-    ap.add_argument("--offload", choices=OFFLOAD_MODES, default=None, help="default: sample.offload")
-    ap.add_argument("--rope-from", choices=("weights", "params"), default=None,
+    ap.add_argument("--vae-tiling", choices=_choices("vae_tiling"), default=None, help="default: sample.vae_tiling")
+    ap.add_argument("--vae-decode", choices=_choices("vae_decode"), default=None, help="default: sample.vae_decode")
+    ap.add_argument("--offload", choices=_choices("offload"), default=None, help="default: sample.offload")
+    ap.add_argument("--rope-from", choices=_choices("rope_from"), default=None,
                     help="default: sample.rope_from (weights = the RoPE saved beside trained weights)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", required=True, help="image file; its extension picks the format (.png, .jpg, .webp ...)")
@@ -45,9 +52,9 @@ def writable_formats() -> dict[str, str]:
 
 
 def input_problems(args, params: dict) -> tuple[list[str], tuple[int, int] | None]:
-    """Every problem with the command line, found before any model loads; and the image size (w, h)."""
+    """Every problem with the command line, found before any model loads; and the image size (w, h). Light imports
+    only (no torch) until the RoPE check, which reads the weights' json files."""
     from ultraflux.data.buckets import bucket_table
-    from ultraflux.models.transformer import RopeMismatchError, check_model_dir
     from ultraflux.sampling import parse_size
     from ultraflux.stage import unwritable
 
@@ -84,7 +91,9 @@ def input_problems(args, params: dict) -> tuple[list[str], tuple[int, int] | Non
     for flag, p in (("--transformer", args.transformer), ("--vae", args.vae)):
         if not Path(p).is_dir():
             problems.append(f"{flag} {p}: not a model directory (run `dvc repro` first or pass {flag})")
-    if Path(args.transformer).is_dir():
+    if Path(args.transformer).is_dir() and not problems:
+        from ultraflux.models.transformer import RopeMismatchError, check_model_dir
+
         try:
             check_model_dir(args.transformer, params["rope"], args.rope_from or params["sample"]["rope_from"])
         except RopeMismatchError as e:
@@ -102,9 +111,10 @@ def main(argv: list[str]) -> int:
         params = load_validated(args.params, check_paths=False)
     except ParamsError as e:
         ap.error(str(e))
-    problems, (w, h) = input_problems(args, params)
+    problems, size = input_problems(args, params)
     if problems:
         ap.error("\n  ".join(problems))
+    w, h = size
     overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload,
                  "rope_from": args.rope_from}
     info = generate_file(params, args.transformer, args.vae, args.prompt, args.out, w, h, seed=args.seed,
