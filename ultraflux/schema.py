@@ -33,9 +33,9 @@ MAX_STEPS = 1_000_000   # ~33x the seed's longest run (stage 1, ~30K steps, Sec.
 
 def _bounded_steps(value: int) -> int:
     if value > MAX_STEPS:
-        raise ValueError(f"must be at most {MAX_STEPS:,} (got {value:,}): the seed trains stage 1 for ~30K steps "
-                         "(Sec. 2.2); at the paper's scale a million steps is months of 8-GPU time, so this is taken "
-                         "for a typo")
+        raise ValueError(f"must be at most {MAX_STEPS:,} (got {value:,}): the UltraFlux paper's longest stage is "
+                         "~30K steps (supplement, Sec. 2.2) and a million steps is months of 8-GPU time at its scale, "
+                         "so this is taken for a typo")
     return value
 
 
