@@ -9,16 +9,13 @@ OUT = Path("outputs/curated")
 
 def main(params, logger):
     from ultraflux.data.curate import TooFewImages, run_curation
-    from ultraflux.io import DiskFull, sha256_file
+    from ultraflux.io import sha256_file
 
     try:
         metrics = run_curation(params, OUT)
     except TooFewImages as err:  # exit non-zero so that no later stage trains on (almost) nothing
         print(f"[curate] {err}", file=sys.stderr)
         raise SystemExit(3) from None
-    except DiskFull as err:  # one line naming the path; no partial dataset was left behind
-        print(f"[curate] {err}", file=sys.stderr)
-        raise SystemExit(4) from None
     metrics["manifest_sha256"] = sha256_file(OUT / "manifest.parquet")
     logger.log_artifact(OUT / "plots", "plots")
     logger.log_artifact(OUT / "manifest.parquet")

@@ -28,7 +28,8 @@ def main(params, logger):
     timing, tiled = {}, 0
     for label in ("dit_stage2", "dit_stage1"):
         if label != "dit_stage2":  # same VAE and text encoders: swap only the transformer
-            pipe.replace_transformer(load_transformer(Path("outputs") / label / "transformer", params["rope"]))
+            pipe.replace_transformer(load_transformer(Path("outputs") / label / "transformer", params["rope"],
+                                                      rope_from=params["sample"]["rope_from"]))
         result = sample_set(params, pipe, prompts, OUT / label)
         tiled += result.pop("vae_tiled_images")
         timing.update({f"{label}.{k}": v for k, v in result.items()})
@@ -43,10 +44,17 @@ def main(params, logger):
 
 
 def weights_rope(params):
-    """Pretrained weights released with another RoPE than rope.*: refused before any work."""
-    from ultraflux.models.transformer import rope_problems
+    """Pretrained weights released, or trained weights saved, with another RoPE than rope.*: refused before any work
+    (unless sample.rope_from: params)."""
+    from ultraflux.models.transformer import RopeMismatchError, check_model_dir, rope_problems
 
-    return rope_problems(params)
+    problems = rope_problems(params)
+    for label in ("dit_stage2", "dit_stage1"):
+        try:
+            check_model_dir(Path("outputs") / label / "transformer", params["rope"], params["sample"]["rope_from"])
+        except RopeMismatchError as e:
+            problems.append(str(e))
+    return problems
 
 
 if __name__ == "__main__":

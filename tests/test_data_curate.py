@@ -614,7 +614,7 @@ def test_a_full_disk_at_the_shards_or_the_manifest_leaves_no_dataset_that_looks_
     import errno
     import tarfile
 
-    from ultraflux.io import DiskFull
+    from ultraflux.io import DiskFullError
 
     out = tmp_path / "out"
     run_curation(cached_params(synthetic_run), out, progress=False)
@@ -627,10 +627,10 @@ def test_a_full_disk_at_the_shards_or_the_manifest_leaves_no_dataset_that_looks_
         return real_addfile(self, *args, **kwargs)
 
     monkeypatch.setattr(tarfile.TarFile, "addfile", addfile_until_full)
-    with pytest.raises(DiskFull) as info:
+    with pytest.raises(DiskFullError) as info:
         run_curation(cached_params(synthetic_run), out, progress=False)
-    assert str(info.value) == (f"no space left on device (ENOSPC) while writing {out / 'shards/train-000000.tar'}: "
-                               "free space there and rerun")
+    assert str(info.value).startswith(f"ENOSPC (no space left on device) writing a curation shard at "
+                                      f"{out / 'shards/train-000000.tar'} (") and "free space there" in str(info.value)
     assert not (out / "shards").exists() and not (out / "manifest.parquet").exists()
     monkeypatch.setattr(tarfile.TarFile, "addfile", real_addfile)
 
@@ -638,7 +638,8 @@ def test_a_full_disk_at_the_shards_or_the_manifest_leaves_no_dataset_that_looks_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", full_parquet)
-    with pytest.raises(DiskFull, match=r"ENOSPC\) while writing .*out/manifest.parquet"):
+    with pytest.raises(DiskFullError, match=r"ENOSPC \(no space left on device\) writing the curated manifest at "
+                                            r".*out/manifest.parquet"):
         run_curation(cached_params(synthetic_run), out, progress=False)
     assert not (out / "shards").exists() and not (out / "manifest.parquet").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".manifest")]  # nor its temporary
@@ -648,7 +649,7 @@ def test_a_real_full_tmpfs_names_the_shard(synthetic_run, tmp_path):
     """The same on a real 1 MiB tmpfs (root only; skipped where mounting is not permitted)."""
     import subprocess
 
-    from ultraflux.io import DiskFull
+    from ultraflux.io import DiskFullError
 
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -657,7 +658,7 @@ def test_a_real_full_tmpfs_names_the_shard(synthetic_run, tmp_path):
         pytest.skip("mounting a tmpfs is not permitted here")
     try:
         (disk / "filler").write_bytes(b"\0" * ((1 << 20) - (32 << 10)))  # 32 KiB left: less than the shards
-        with pytest.raises(DiskFull, match=r"no space left on device \(ENOSPC\) while writing .*/shards/"):
+        with pytest.raises(DiskFullError, match=r"ENOSPC \(no space left on device\) writing .* at .*/shards/"):
             run_curation(cached_params(synthetic_run), disk / "out", progress=False)
         assert not (disk / "out" / "shards").exists() and not (disk / "out" / "manifest.parquet").exists()
     finally:

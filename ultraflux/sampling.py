@@ -11,14 +11,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from ultraflux.data.buckets import bucket_table
 from ultraflux.io import atomic_path
 
-SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload")   # ``sample`` keys a command line may override
+SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload", "rope_from")   # ``sample`` keys a command may override
 
 
 def image_size(params: dict, aspect: str) -> tuple[int, int]:
@@ -48,6 +47,8 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 4) 
 
 def generate(pipe, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int,
              progress: bool = False) -> Image.Image:
+    import torch
+
     pipe.set_progress_bar_config(disable=not progress)
     gen = torch.Generator().manual_seed(seed)
     max_len = pipe.tokenizer_2.model_max_length if pipe.tokenizer_2.model_max_length < 10_000 else 512

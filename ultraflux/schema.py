@@ -27,6 +27,19 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]          # (0, 1]
 Path = str                                              # "" = not set; existence is checked separately
 TimestepIndex = Annotated[int, Field(ge=0, le=999)]     # seed Table 3: timestep ranges within 0-999
+LearningRate = Annotated[float, Field(gt=0, le=1)]      # (0, 1]: seed Table 3 uses 1e-6 (DiT) and 1e-4 (VAE)
+MAX_STEPS = 1_000_000   # ~33x the seed's longest run (stage 1, ~30K steps, Sec. 2.2): a larger value is a typo
+
+
+def _bounded_steps(value: int) -> int:
+    if value > MAX_STEPS:
+        raise ValueError(f"must be at most {MAX_STEPS:,} (got {value:,}): the UltraFlux paper's longest stage is "
+                         "~30K steps (supplement, Sec. 2.2) and a million steps is months of 8-GPU time at its scale, "
+                         "so this is taken for a typo")
+    return value
+
+
+Steps = Annotated[int, Field(ge=1), AfterValidator(_bounded_steps)]
 
 
 def _has_text(value: str) -> str:
@@ -240,11 +253,11 @@ class Loss(Section):                                     # seed Table 3 "DiT obj
 
 
 class VaeTrain(Section):                                 # seed Sec. 2.2 "VAE Training", Table 3 "F16 VAE post-training"
-    steps: PosInt
+    steps: Steps
     resolution: Annotated[int, Field(ge=16, multiple_of=16)]   # 512 (F16: multiple of 16)
     batch_size: PosInt
     grad_accum: PosInt                                   # global batch 384
-    lr: PosFloat                                         # 1e-4 (Table 3; the text says 1e-5)
+    lr: LearningRate                                     # 1e-4 (Table 3; the text says 1e-5)
     weight_decay: NonNegFloat                            # 1e-2
     lambda_l2: NonNegFloat                               # (lambda_vae, lambda_perc, lambda_L2) = (0.2, 0.1, 1)
     lambda_perc: NonNegFloat
@@ -279,10 +292,10 @@ class Validation(Section):                               # DiT validation: MLPer
 
 
 class DitStage(Section):                                 # seed Sec. 2.2 "DiT Training", Table 3 curriculum
-    steps: PosInt
+    steps: Steps
     batch_size: PosInt
     grad_accum: PosInt
-    lr: PosFloat                                         # 1e-6
+    lr: LearningRate                                     # 1e-6
     weight_decay: NonNegFloat
     t_min: TimestepIndex                                 # stage 1: 0-999, stage 2: 0-459
     t_max: TimestepIndex
@@ -311,6 +324,8 @@ class Sample(Section):
     vae_decode: Literal["auto", "plain", "partitioned"]  # partitioned = the public release's decode
     offload: Literal["none", "model", "sequential"]      # diffusers' CPU offload (GPU only)
     dtype: Literal["auto", "float32", "bfloat16"]
+    rope_from: Literal["weights", "params"]              # RoPE of trained weights (ultraflux.json) or rope.* as written
+    max_pixels: PosInt                                   # bound on a generated image's w x h (4096^2: seed Table 5)
 
 
 class Evaluate(Section):

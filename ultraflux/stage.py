@@ -4,7 +4,9 @@
 
 1. validates the whole params file against the schema (``ultraflux.config``) and checks that the stage's declared
    outputs (dvc.yaml) are writable, all BEFORE any work; problems are printed together and the stage exits with 2;
-2. runs ``fn(params, logger)`` inside the stage's MLflow child run;
+2. runs ``fn(params, logger)`` inside the stage's MLflow child run; an expected failure (``ultraflux.io.StageFailure``:
+   a diverged run, a full disk, checkpoints of another world size) is printed as one line, the run ends FAILED with
+   the reason as its ``ultraflux.error`` tag, nothing is written below and the stage exits with 1;
 3. writes what ``fn`` returned: all of it to ``outputs/results/<stage>.json`` (and to MLflow: numbers as metrics,
    strings as tags), and only the stage's few headline numbers (``HEADLINE``) to ``metrics/<stage>.json``, the DVC
    metrics file, so ``dvc exp show`` stays a few dozen readable numeric columns. The headline numbers also go onto
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ultraflux.config import ParamsError, get, load_validated, parse_yaml
-from ultraflux.io import sha256_file, write_json
+from ultraflux.io import StageFailure, sha256_file, write_json
 from ultraflux.quiet import quiet_third_party
 from ultraflux.tracking import NullLogger, flatten, stage_run
 
@@ -139,6 +141,14 @@ def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str =
     except ParamsError as e:
         print(f"[{stage}] {e}", file=sys.stderr)
         raise SystemExit(2)
+    try:
+        return _run(stage, fn, params)
+    except StageFailure as e:
+        print(f"[{stage}] {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _run(stage: str, fn: Callable[[dict, object], dict], params: dict) -> dict:
     if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: only rank 0 tracks and writes results
         return fn(params, NullLogger()) or {}
     t0 = time.time()

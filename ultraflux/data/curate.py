@@ -26,7 +26,7 @@ params and seed writes identical outputs. The cache dir may be shared (user fold
 runs): its entries are marked and owned (:mod:`ultraflux.data.cache_entries`), and pruning removes only this
 pipeline's stale entries (the pipeline = the resolved output folder).
 
-A full disk while writing the shards or the manifest raises :class:`ultraflux.io.DiskFull` naming the path; the
+A full disk while writing the shards or the manifest raises :class:`ultraflux.io.DiskFullError` naming the path; the
 outputs are then left without a manifest and without shards (never a partial set that looks complete).
 
 After the selection, :func:`check_minimums` stops the run (:class:`TooFewImages`, naming the key) when fewer than
@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from ultraflux.config import typed
-from ultraflux.io import DiskFull, atomic_path, naming_disk_full, write_json
+from ultraflux.io import DiskFullError, atomic_path, naming_disk_full, write_json
 from ultraflux.schema import Curate, Params
 
 from . import metadata, process, released, scorers, synthetic
@@ -279,7 +279,7 @@ def write_shards(rows: pd.DataFrame, out_dir: Path, cfg: dict, progress: bool) -
     """Copy the kept images into ``shards/<split>-NNNNNN.tar`` in manifest order; fill shard/key/offset/nbytes.
 
     The previous manifest goes first (it names the old shards); on any failure the shard folder goes too, so a
-    partial set never looks complete (a full disk: :class:`DiskFull` naming the shard being written)."""
+    partial set never looks complete (a full disk: :class:`DiskFullError` naming the shard being written)."""
     shard_dir = out_dir / "shards"
     (out_dir / "manifest.parquet").unlink(missing_ok=True)
     if shard_dir.exists():
@@ -312,7 +312,7 @@ def _write_split(rows: pd.DataFrame, split: str, out_dir: Path, cfg: dict, progr
                                                        "json": _sample_meta(row)}))
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise DiskFull(writer.current) from err
+            raise DiskFullError(writer.current, "a curation shard") from err
         raise
     for col in ("shard", "key", "offset", "nbytes"):
         rows.loc[part.index, col] = [getattr(loc, col) for loc in locations]
@@ -327,7 +327,7 @@ def run_curation(params: Params | dict, out_dir: Path, progress: bool = True) ->
 
     ``params``: the validated :class:`~ultraflux.schema.Params` (a dict is validated here). Raises
     :class:`TooFewImages` (after writing the manifest, for inspection) when the minimums are not met, and
-    :class:`ultraflux.io.DiskFull` naming the path when the disk fills up.
+    :class:`ultraflux.io.DiskFullError` naming the path when the disk fills up.
     """
     started = time.perf_counter()
     params, out_dir = typed(params), Path(out_dir)
@@ -342,7 +342,7 @@ def run_curation(params: Params | dict, out_dir: Path, progress: bool = True) ->
     with CacheEntries(curate.cache_dir or out_dir / ".cache", str(out_dir.resolve())) as entries:
         swept = _open_cache(entries, cfg)
         tasks = [{"path": it.path, "caption_error": it.caption_error, "cfg": cfg} for it in items]
-        with naming_disk_full(cfg["scan_dir"]):
+        with naming_disk_full(cfg["scan_dir"], "the curation scan cache"):
             records = run_engine(curate.engine, process.scan_one, tasks, curate.workers, progress, desc="scan")
         rows, patch_hist = build_rows(items, records, cfg, root)
         quality_learned = score_candidates(rows, items, params, cfg, progress)
@@ -401,7 +401,7 @@ def score_candidates(rows: pd.DataFrame, items, params: Params, cfg: dict, progr
     scan_dir = Path(cfg["scan_dir"])
     rows["quality_scorer"] = scorers.scorer_name("quality", qcfg)
     rows["aesthetic_scorer"] = scorers.scorer_name("aesthetic", acfg)
-    with naming_disk_full(scan_dir):  # the scores' cache file
+    with naming_disk_full(scan_dir, "the curation score cache"):
         if qcfg["source"] == "released":  # the release's Q-Align scores, labelled released:<field>
             rows["quality_scorer"] = released.use_released(rows, "quality", items)
         elif qcfg["weights"]:
@@ -418,7 +418,7 @@ def _render_or_stop(rows: pd.DataFrame, cfg: dict, curate: Curate, out_dir: Path
     """Pass 2 between the two minimum checks; on :class:`TooFewImages` the manifest is written for inspection."""
     try:
         check_minimums(rows, cfg, curate)
-        with naming_disk_full(cfg["render_dir"]):
+        with naming_disk_full(cfg["render_dir"], "the curation render cache"):
             hits = render_kept(rows, cfg, curate.engine, curate.workers, progress)
         check_minimums(rows, cfg, curate)  # a colour decode may still have failed
     except TooFewImages:
@@ -445,7 +445,7 @@ def _finish_outputs(out_dir: Path, manifest: pd.DataFrame, patch_hist: np.ndarra
                     engine: str, shards: list[Path]) -> dict:
     from .plots import write_histograms
 
-    with naming_disk_full(out_dir):
+    with naming_disk_full(out_dir, "the curation plots and metrics"):
         write_histograms(out_dir / "plots", manifest, (process.PLOT_BINS, patch_hist), cfg["flat_threshold"],
                          cfg["flat_max_fraction"], cfg["entropy_min"])
         metrics = summarize(manifest, used, cfg, engine)
@@ -457,7 +457,8 @@ def _finish_outputs(out_dir: Path, manifest: pd.DataFrame, patch_hist: np.ndarra
 
 def _write_manifest(rows: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     manifest = rows[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
-    with naming_disk_full(out_dir / "manifest.parquet"), atomic_path(out_dir / "manifest.parquet") as tmp:
+    path = out_dir / "manifest.parquet"
+    with naming_disk_full(path, "the curated manifest"), atomic_path(path) as tmp:
         manifest.to_parquet(tmp, index=False)
     return manifest
 

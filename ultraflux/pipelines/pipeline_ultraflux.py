@@ -188,7 +188,8 @@ def load_pipeline(params: dict, transformer_dir: str | Path, vae_dir: str | Path
     _choice("offload", str(sample_cfg.get("offload", "none")), OFFLOAD_MODES)
     dtype = resolve_dtype(sample_cfg.get("dtype", "auto"), default_device()) if place else torch.float32
     tok, te, tok2, te2 = build_text_encoders(params["model"], seed=params["seed"])
-    transformer = load_transformer(transformer_dir, params["rope"], torch_dtype=dtype)
+    transformer = load_transformer(transformer_dir, params["rope"], rope_from=sample_cfg.get("rope_from", "weights"),
+                                   torch_dtype=dtype)
     vae = build_vae({**params["model"], "vae_pretrained": str(vae_dir)})
     shift = params["dit_stage2"]["shift"]
     pipe = UltraFluxPipeline(static_shift_scheduler(shift), vae, te, tok, te2, tok2, transformer)
