@@ -353,7 +353,7 @@ def test_local_and_ray_give_byte_identical_manifests_and_shards(tmp_path):
     expect = bad_input_source(tmp_path / "src")
     run_curation(bad_input_params(tmp_path / "src", workers=2), tmp_path / "local", progress=False)
     check_bad_inputs(manifest(tmp_path / "local"), expect)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stale cluster
     try:
         run_curation(bad_input_params(tmp_path / "src", engine="ray", workers=2), tmp_path / "ray", progress=False)
     finally:

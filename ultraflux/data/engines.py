@@ -90,7 +90,9 @@ def run_ray(fn: Callable[[dict], dict], tasks: list[dict], workers: int, progres
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            # address="local": always a fresh Ray of our own here, never one another process left running on this
+            # machine (ray.init() would attach to it, and refuses num_cpus for an existing cluster)
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
