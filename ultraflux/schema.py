@@ -232,6 +232,20 @@ class Validation(Section):                               # DiT validation: MLPer
     guidance_scale: NonNegFloat
 
 
+class Ema(Section):   # not in the seed (Sec. 2.2 trains the DiT end-to-end without one): EMA of the trained weights
+    decay: Annotated[float, Field(gt=0, lt=1)]           # ema <- decay * ema + (1 - decay) * weights
+    every: PosInt                                        # training steps between updates
+    start: NonNegInt                                     # first update after this step (copies the weights)
+    use_for_validation: bool                             # validation loss and samples with the EMA weights
+
+
+class Lora(Section):  # not in the seed (Sec. 2.2 updates all DiT blocks end-to-end): PEFT LoRA of the DiT
+    rank: PosInt
+    alpha: PosFloat                                      # scale alpha / rank
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    target_modules: Annotated[list[Text], Field(min_length=1)]   # module-name suffixes, e.g. to_q, to_k, to_v
+
+
 class DitStage(Section):                                 # seed Sec. 2.2 "DiT Training", Table 3 curriculum
     steps: PosInt
     batch_size: PosInt
@@ -247,6 +261,8 @@ class DitStage(Section):                                 # seed Sec. 2.2 "DiT Tr
     max_grad_norm: Optional[NonNegFloat]
     gradient_checkpointing: Literal["auto", True, False]   # auto = on when CUDA is present
     val_every: PosInt                                    # steps between validation losses
+    ema: Optional[Ema] = None                            # null = no EMA (the seed's setting)
+    lora: Optional[Lora] = None                          # null = full fine-tune (the seed's setting)
 
     @model_validator(mode="after")
     def _range(self):
@@ -265,6 +281,7 @@ class Sample(Section):
     vae_decode: Literal["auto", "plain", "partitioned"]  # partitioned = the public release's decode
     offload: Literal["none", "model", "sequential"]      # diffusers' CPU offload (GPU only)
     dtype: Literal["auto", "float32", "bfloat16"]
+    weights: Literal["raw", "ema"]                       # trained or EMA weights (ema needs dit_stage*.ema)
 
 
 class Evaluate(Section):

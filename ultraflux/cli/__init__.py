@@ -5,6 +5,7 @@ work is done by the library it calls). This file only dispatches.
   ultraflux curate-stats IMG..  one image's curation statistics as JSON   (cli/curate_stats.py)
   ultraflux judge A B ...       Gemini pairwise preference of two folders (cli/judge.py)
   ultraflux ablation ...        the 2x2 co-design ablation                (cli/ablation.py)
+  ultraflux export DIR --out F  a transformer / VAE / LoRA as one BFL-layout file (cli/export.py)
   ultraflux profile apply F     rewrite params.yaml with a profile (e.g. configs/paper-4k.yaml)
   ultraflux params check        validate params.yaml and exit
 """
@@ -19,6 +20,7 @@ SUBCOMMANDS = {
     "curate-stats": ("ultraflux.cli.curate_stats", "main", "print an image's curation statistics as JSON"),
     "judge": ("ultraflux.cli.judge", "main", "Gemini pairwise preference between two image folders"),
     "ablation": ("ultraflux.cli.ablation", "main", "run the 2x2 data-model co-design ablation (seed Table 1)"),
+    "export": ("ultraflux.cli.export", "main", "a transformer / VAE / LoRA as one safetensors file for ComfyUI"),
     "profile": ("ultraflux.cli", "cli_profile", "apply a parameter profile, e.g. configs/paper-4k.yaml"),
     "params": ("ultraflux.cli", "cli_params", "validate params.yaml"),
 }

@@ -24,7 +24,9 @@ from ultraflux.io import atomic_path, sha256_file, sha256_json
 from ultraflux.losses import dit_loss
 from ultraflux.training.cache import build_cache, load_encoders
 from ultraflux.training.checkpoint import Checkpointer, TrainState
+from ultraflux.training.ema import ema_update, make_ema, swapped_in
 from ultraflux.training.flow import predict_velocity, sample_sigmas
+from ultraflux.training.lora import apply_lora, save_trained
 from ultraflux.training.memory import gradient_checkpointing, peak_memory
 from ultraflux.training.sampler import BucketBatchSampler
 from ultraflux.training.validation import VAL_COLUMNS, sample_images, validate
@@ -134,8 +136,9 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
                    else build_transformer(params["model"], params["rope"], seed=seed))
     if gradient_checkpointing(cfg["gradient_checkpointing"], f"{stage}.gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
+    apply_lora(transformer, cfg.get("lora"), seed)   # LoRA (training/lora.py): only the adapter trains; null = full
     transformer.train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     _configure_deepspeed(accelerator, batch_size, max_grad_norm)
     transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
@@ -152,6 +155,10 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
                                "distributed": str(accelerator.distributed_type)})
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    ema_cfg = cfg.get("ema")   # EMA (training/ema.py): checkpointed with the rest; null = off
+    ema = make_ema(ema_cfg, accelerator.unwrap_model(transformer))
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     ckpt = Checkpointer(ckpt_dir, fingerprint, cfg["keep_checkpoints"], accelerator)
     if (latest := ckpt.latest()) is not None:
         ckpt.load(accelerator, latest)
@@ -163,6 +170,10 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
                               pin_memory=torch.cuda.is_available()))
 
     def run_validation(step: int) -> None:
+        with swapped_in(ema, accelerator.unwrap_model(transformer), bool(ema_cfg and ema_cfg["use_for_validation"])):
+            _run_validation(step)
+
+    def _run_validation(step: int) -> None:
         if len(val_set):
             record = validate(accelerator, accelerator.unwrap_model(transformer), val_set, params, step, model_dtype)
             state.val_history.append(record)
@@ -207,6 +218,7 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / grad_accum
         state.step += 1
+        ema_update(ema, ema_cfg, state.step, accelerator.unwrap_model(transformer))
         # the step's loss and loss terms: mean over its grad_accum micro-batches and over processes (= the global batch)
         names = sorted(logs_acc)
         reduced = accelerator.reduce(torch.tensor([float(loss_sum) / grad_accum] + [logs_acc[k] for k in names],
@@ -235,7 +247,10 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     out_dir = Path(out_dir)
     if main:
         with atomic_path(out_dir / "transformer") as tmp:
-            accelerator.unwrap_model(transformer).save_pretrained(tmp, state_dict=state_dict)
+            save_trained(accelerator.unwrap_model(transformer), state_dict, tmp, cfg.get("lora"))
+            if ema is not None:   # the averaged weights beside the trained ones
+                with swapped_in(ema, accelerator.unwrap_model(transformer)) as averaged:
+                    save_trained(averaged, averaged.state_dict(), tmp / "ema", cfg.get("lora"))
         with atomic_path(out_dir / "loss.csv") as tmp:
             pd.DataFrame(state.history).to_csv(tmp, index=False)
         with atomic_path(out_dir / "val_loss.csv") as tmp:
