@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ultraflux.data.buckets import bucket_table
 from ultraflux.io import atomic_path
 
-SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload")   # ``sample`` keys a command line may override
+SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload", "memory")   # ``sample`` keys a command line may override
 
 
 def trained_transformer(stage_dir: str | Path, weights: str) -> Path:

@@ -282,6 +282,14 @@ class Sample(Section):
     offload: Literal["none", "model", "sequential"]      # diffusers' CPU offload (GPU only)
     dtype: Literal["auto", "float32", "bfloat16"]
     weights: Literal["raw", "ema"]                       # trained or EMA weights (ema needs dit_stage*.ema)
+    memory: Literal["none", "fp8", "group", "group_fp8"]  # transformer low-VRAM mode (pipelines/memory.py)
+
+    @model_validator(mode="after")
+    def _one_offload(self):
+        if self.memory.startswith("group") and self.offload != "none":
+            raise ValueError(f"memory {self.memory!r} offloads the transformer itself: set offload to none "
+                             f"(got {self.offload!r})")
+        return self
 
 
 class Evaluate(Section):

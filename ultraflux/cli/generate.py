@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ultraflux.pipelines.memory import MEMORY_MODES
 from ultraflux.pipelines.pipeline_ultraflux import DECODE_MODES, OFFLOAD_MODES, TILING_MODES
 
 
@@ -29,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae-tiling", choices=TILING_MODES, default=None, help="default: sample.vae_tiling")
     ap.add_argument("--vae-decode", choices=DECODE_MODES, default=None, help="default: sample.vae_decode")
     ap.add_argument("--offload", choices=OFFLOAD_MODES, default=None, help="default: sample.offload")
+    ap.add_argument("--memory", choices=MEMORY_MODES, default=None,
+                    help="default: sample.memory (fp8 weights / group offload; README: what runs at 4096^2)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", required=True)
     return ap
@@ -55,7 +58,7 @@ def main(argv: list[str]) -> int:
     for flag, p in (("--transformer", args.transformer), ("--vae", args.vae)):
         if not Path(p).is_dir():
             raise SystemExit(f"{flag} {p}: not a model directory (run `dvc repro` first or pass {flag})")
-    overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload}
+    overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload, "memory": args.memory}
     try:
         info = generate_file(params, args.transformer, args.vae, args.prompt, args.out, w, h, seed=args.seed,
                              steps=args.steps, guidance=args.guidance, overrides=overrides)
