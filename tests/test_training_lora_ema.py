@@ -120,3 +120,17 @@ def test_lora_trains_only_the_adapter_lowers_val_loss_and_resumes_identically(ti
               guidance=torch.tensor([3.5]) if t["guidance_embeds"] else None)
     with torch.no_grad():
         torch.testing.assert_close(base_model(**kw).sample, merged(**kw).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_weights_ema_needs_the_ema_directories(params, tmp_path, monkeypatch):
+    from ultraflux.sampling import ema_problems, trained_transformer
+
+    monkeypatch.chdir(tmp_path)
+    p = {**params, "sample": {**params["sample"], "weights": "ema"}}
+    problems = ema_problems(p)
+    assert len(problems) == 2 and "set dit_stage2.ema" in problems[0]
+    for stage in ("dit_stage1", "dit_stage2"):
+        (tmp_path / "outputs" / stage / "transformer" / "ema").mkdir(parents=True)
+        (tmp_path / "outputs" / stage / "transformer" / "ema" / "config.json").write_text("{}")
+    assert ema_problems(p) == [] and ema_problems(params) == []
+    assert trained_transformer("outputs/dit_stage1", "raw") == trained_transformer("outputs/dit_stage1", "ema").parent

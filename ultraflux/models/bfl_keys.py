@@ -12,8 +12,9 @@ The BFL layout (``flux1-dev.safetensors``, ``ae.safetensors``) is what ComfyUI a
 * ``lora_to_kohya``: a PEFT LoRA on the diffusers transformer -> kohya ``lora_unet_<bfl_key>`` modules with
   ``lora_down``/``lora_up``/``alpha`` (the form ComfyUI, Forge, kohya and diffusers' ``load_lora_weights`` load). A
   LoRA on the members of a fused BFL layer becomes one LoRA of rank n*r on the fused layer: ``lora_down`` stacks the
-  members' A matrices, ``lora_up`` is block diagonal in the members' B matrices (absent members: zero blocks) and
-  ``alpha = n * alpha_peft``, so ``alpha / rank`` keeps PEFT's scale and the product is exactly the members' LoRAs.
+  members' A matrices, ``lora_up`` is block diagonal in the members' B matrices (absent members: zero blocks), so the
+  product is exactly the members' LoRAs. PEFT's scale alpha / r is folded into ``lora_down`` and ``alpha`` is written
+  as the rank (scale 1): diffusers' kohya converter ignores the alpha of the final layer, ComfyUI reads every one.
 
 Every key of the input must be consumed: a leftover (a module the BFL layout does not have) is an error naming it.
 """
@@ -176,8 +177,10 @@ def lora_to_kohya(sd: dict[str, torch.Tensor], alpha: float, prefix: str = "tran
 
     def put(bfl: str, down: torch.Tensor, up: torch.Tensor, n: int) -> None:
         name = "lora_unet_" + bfl.replace(".", "_")
-        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down.contiguous(), up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha) * n)
+        rank = down.shape[0]
+        out[f"{name}.lora_down.weight"] = (down * (float(alpha) * n / rank)).contiguous()   # n * r = rank
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(rank))
 
     for module, ab in mods.items():
         if module in one:
