@@ -122,8 +122,10 @@ def test_vae_export_loads_in_diffusers_single_file_and_decodes_identically(tmp_p
 def _lora_transformer(model, rank=4, alpha=8.0):
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0", "norm_out.linear"],
-                        init_lora_weights=True)
+    # fused members targeted in part (add_k_proj alone, no proj_mlp): exercises the zero blocks. Not the final layer
+    # or embedders: diffusers' kohya converter writes them without the "transformer." prefix and drops them.
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2"])
     model.add_adapter(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -15,6 +15,7 @@ The BFL layout (``flux1-dev.safetensors``, ``ae.safetensors``) is what ComfyUI a
   members' A matrices, ``lora_up`` is block diagonal in the members' B matrices (absent members: zero blocks), so the
   product is exactly the members' LoRAs. PEFT's scale alpha / r is folded into ``lora_down`` and ``alpha`` is written
   as the rank (scale 1): diffusers' kohya converter ignores the alpha of the final layer, ComfyUI reads every one.
+  (diffusers 0.42 loads kohya LoRAs of the blocks only: it drops those of the final layer and the embedders.)
 
 Every key of the input must be consumed: a leftover (a module the BFL layout does not have) is an error naming it.
 """
