@@ -87,9 +87,9 @@ def read_lora(lora_dir: str | Path) -> tuple[dict[str, torch.Tensor], float]:
 
 
 def merge_lora(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], alpha: float,
-               prefix: str = "transformer.") -> dict[str, torch.Tensor]:
-    """W + (alpha / r) B A for every LoRA module (fp32 arithmetic, result in W's dtype); a module the base lacks is
-    an error naming it."""
+               prefix: str = "transformer.", keep_dtype: bool = True) -> dict[str, torch.Tensor]:
+    """W + (alpha / r) B A for every LoRA module (fp32 arithmetic; the result in W's dtype, or in fp32 when not
+    ``keep_dtype``); a module the base lacks is an error naming it."""
     out = dict(sd)
     for key in (k for k in lora if k.endswith(".lora_A.weight")):
         module = key[len(prefix):-len(".lora_A.weight")]
@@ -97,7 +97,8 @@ def merge_lora(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], alpha
             raise KeyError(f"LoRA module {module!r} is not in the base transformer")
         a, b = lora[key].float(), lora[key.replace(".lora_A.", ".lora_B.")].float()
         w = out[f"{module}.weight"]
-        out[f"{module}.weight"] = (w.float() + (alpha / a.shape[0]) * (b @ a)).to(w.dtype)
+        merged = w.float() + (alpha / a.shape[0]) * (b @ a)
+        out[f"{module}.weight"] = merged.to(w.dtype) if keep_dtype else merged
     return out
 
 
@@ -111,7 +112,7 @@ def export_transformer(model_dir: str | Path, out: str | Path, dtype: str = "bf1
                        lora: str | Path | None = None) -> dict:
     sd = read_diffusers_weights(model_dir)
     if lora is not None:
-        sd = merge_lora(sd, *read_lora(lora))
+        sd = merge_lora(sd, *read_lora(lora), keep_dtype=False)   # cast once, to the export dtype
     bfl = cast_for_export(transformer_to_bfl(sd), dtype)
     return _save(bfl, out, {"ultraflux.kind": "transformer", "ultraflux.layout": "bfl", "ultraflux.dtype": dtype,
                             "ultraflux.merged_lora": str(lora or "")})
