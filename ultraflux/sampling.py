@@ -17,7 +17,22 @@ from tqdm import tqdm
 from ultraflux.data.buckets import bucket_table
 from ultraflux.io import atomic_path
 
-SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload", "rope_from")   # ``sample`` keys a command may override
+SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload", "memory", "rope_from")  # keys a command may override
+
+
+def trained_transformer(stage_dir: str | Path, weights: str) -> Path:
+    """A DiT stage's trained (``raw``) or averaged (``ema``: ``transformer/ema``) weights, per ``sample.weights``."""
+    path = Path(stage_dir) / "transformer"
+    return path / "ema" if weights == "ema" else path
+
+
+def ema_problems(params: dict) -> list[str]:
+    """For ``run_stage(checks=...)``: ``sample.weights: ema`` needs the EMA weights of both DiT stages on disk."""
+    if params["sample"]["weights"] != "ema":
+        return []
+    return [f"sample.weights is ema but {path} is missing (set {stage}.ema and re-run {stage})"
+            for stage in ("dit_stage2", "dit_stage1")
+            if not (path := trained_transformer(Path("outputs") / stage, "ema") / "config.json").is_file()]
 
 
 def image_size(params: dict, aspect: str) -> tuple[int, int]:

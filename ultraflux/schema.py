@@ -291,6 +291,20 @@ class Validation(Section):                               # DiT validation: MLPer
     guidance_scale: NonNegFloat
 
 
+class Ema(Section):   # not in the seed (Sec. 2.2 trains the DiT end-to-end without one): EMA of the trained weights
+    decay: Annotated[float, Field(gt=0, lt=1)]           # ema <- decay * ema + (1 - decay) * weights
+    every: PosInt                                        # training steps between updates
+    start: NonNegInt                                     # first update after this step (copies the weights)
+    use_for_validation: bool                             # validation loss and samples with the EMA weights
+
+
+class Lora(Section):  # not in the seed (Sec. 2.2 updates all DiT blocks end-to-end): PEFT LoRA of the DiT
+    rank: PosInt
+    alpha: PosFloat                                      # scale alpha / rank
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    target_modules: Annotated[list[Text], Field(min_length=1)]   # module-name suffixes, e.g. to_q, to_k, to_v
+
+
 class DitStage(Section):                                 # seed Sec. 2.2 "DiT Training", Table 3 curriculum
     steps: Steps
     batch_size: PosInt
@@ -306,6 +320,8 @@ class DitStage(Section):                                 # seed Sec. 2.2 "DiT Tr
     max_grad_norm: Optional[NonNegFloat]
     gradient_checkpointing: Literal["auto", True, False]   # auto = on when CUDA is present
     val_every: PosInt                                    # steps between validation losses
+    ema: Optional[Ema] = None                            # null = no EMA (the seed's setting)
+    lora: Optional[Lora] = None                          # null = full fine-tune (the seed's setting)
 
     @model_validator(mode="after")
     def _range(self):
@@ -326,6 +342,15 @@ class Sample(Section):
     dtype: Literal["auto", "float32", "bfloat16"]
     rope_from: Literal["weights", "params"]              # RoPE of trained weights (ultraflux.json) or rope.* as written
     max_pixels: PosInt                                   # bound on a generated image's w x h (4096^2: seed Table 5)
+    weights: Literal["raw", "ema"]                       # trained or EMA weights (ema needs dit_stage*.ema)
+    memory: Literal["none", "fp8", "group", "group_fp8"]  # transformer low-VRAM mode (pipelines/memory.py)
+
+    @model_validator(mode="after")
+    def _one_offload(self):
+        if self.memory.startswith("group") and self.offload != "none":
+            raise ValueError(f"memory {self.memory!r} offloads the transformer itself: set offload to none "
+                             f"(got {self.offload!r})")
+        return self
 
 
 class Evaluate(Section):

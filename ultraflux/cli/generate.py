@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--offload", choices=_choices("offload"), default=None, help="default: sample.offload")
     ap.add_argument("--rope-from", choices=_choices("rope_from"), default=None,
                     help="default: sample.rope_from (weights = the RoPE saved beside trained weights)")
+    ap.add_argument("--memory", choices=_choices("memory"), default=None,
+                    help="default: sample.memory (fp8 weights / group offload; README: what runs at 4096^2)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", required=True, help="image file; its extension picks the format (.png, .jpg, .webp ...)")
     return ap
@@ -116,7 +118,7 @@ def main(argv: list[str]) -> int:
         ap.error("\n  ".join(problems))
     w, h = size
     overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload,
-                 "rope_from": args.rope_from}
+                 "memory": args.memory, "rope_from": args.rope_from}
     info = generate_file(params, args.transformer, args.vae, args.prompt, args.out, w, h, seed=args.seed,
                          steps=args.steps, guidance=args.guidance, overrides=overrides)
     print(json.dumps(info))

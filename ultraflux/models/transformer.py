@@ -4,7 +4,7 @@ The transformer is never forked: ``transformer.pos_embed`` is replaced by ``Ultr
 ``FluxPosEmbed``'s call signature. ``pos_embed`` holds no weights, so checkpoints stay plain diffusers checkpoints and
 the RoPE variant is re-applied at load time.
 
-Trained weights carry their RoPE: :func:`save_transformer` writes ``ultraflux.json`` (the ``rope`` settings they were
+Trained weights carry their RoPE: :func:`write_weights_config` writes ``ultraflux.json`` (the ``rope`` settings they were
 trained with) beside diffusers' ``config.json``. Loading with ``rope_from="weights"`` (sampling's default,
 ``sample.rope_from``) uses those settings and refuses a params.yaml ``rope`` section that disagrees, naming the keys;
 ``rope_from="params"`` applies params.yaml's RoPE on purpose (training does: it defines the RoPE it records; an
@@ -34,7 +34,7 @@ ROPE_FROM = ("weights", "params")
 MODEL_ROPE_KEYS = tuple(k for k in ROPE_DEFAULTS if k != "max_scale")
 
 __all__ = ["LATENT_CHANNELS", "RopeMismatchError", "build_transformer", "check_model_dir", "load_transformer",
-           "parameter_count", "release_rope", "save_transformer", "swap_rope"]
+           "parameter_count", "release_rope", "write_weights_config", "swap_rope"]
 
 
 def _model_dir(path: str | Path) -> Path:
@@ -113,10 +113,8 @@ def load_transformer(path: str | Path, rope_cfg: dict, rope_from: str = "weights
     return swap_rope(transformer, rope)
 
 
-def save_transformer(transformer: FluxTransformer2DModel, path: str | Path, rope_cfg: dict,
-                     state_dict: dict | None = None) -> None:
-    """``save_pretrained`` plus ``ultraflux.json`` with the RoPE the weights were trained with (module doc)."""
-    transformer.save_pretrained(path, state_dict=state_dict)
+def write_weights_config(path: str | Path, rope_cfg: dict) -> None:
+    """``<path>/ultraflux.json``: the RoPE settings the weights in ``path`` were trained with."""
     write_json(Path(path) / WEIGHTS_CONFIG, {"rope": rope_settings(rope_cfg)})
 
 

@@ -29,6 +29,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from ultraflux.models.vae import spatial_factor
+from ultraflux.pipelines.memory import apply_memory_mode
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +120,11 @@ class UltraFluxPipeline(FluxPipeline):
         return super().__call__(*args, height=height, width=width, **kwargs)
 
     def place(self, offload: str = "none", dtype: str | torch.dtype | None = "auto",
-              device: str | torch.device | None = None) -> dict:
+              device: str | torch.device | None = None, memory: str = "none") -> dict:
         """Move to ``device`` (default: CUDA when present) in ``dtype``, or set up diffusers' CPU offload there.
 
-        Returns what was done: {"device", "dtype", "offload"} (offload "none" when no accelerator is present).
+        Returns what was done: {"device", "dtype", "offload", "memory"} (offload "none" when no accelerator is
+        present). ``memory``: the transformer's low-VRAM mode (``ultraflux.pipelines.memory``).
         """
         _choice("offload", offload, OFFLOAD_MODES)
         device = torch.device(device) if device is not None else default_device()
@@ -140,7 +142,9 @@ class UltraFluxPipeline(FluxPipeline):
             else:
                 self.enable_sequential_cpu_offload(device=device)
         self.offload = offload
-        self.placement = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "offload": offload}
+        memory = apply_memory_mode(self.transformer, memory, device, dtype) if self.transformer is not None else "none"
+        self.placement = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "offload": offload,
+                          "memory": memory}
         return self.placement
 
     def _cast(self, dtype: torch.dtype) -> None:
@@ -162,7 +166,8 @@ class UltraFluxPipeline(FluxPipeline):
             self.remove_all_hooks()
         self.register_modules(transformer=transformer)
         if placement:
-            self.place(placement["offload"], getattr(torch, placement["dtype"]), placement["device"])
+            self.place(placement["offload"], getattr(torch, placement["dtype"]), placement["device"],
+                       placement.get("memory", "none"))
 
 
 def decode_settings_from(sample_cfg: dict) -> dict:
@@ -195,5 +200,6 @@ def load_pipeline(params: dict, transformer_dir: str | Path, vae_dir: str | Path
     pipe = UltraFluxPipeline(static_shift_scheduler(shift), vae, te, tok, te2, tok2, transformer)
     pipe.configure_decode(**decode)
     if place:
-        pipe.place(offload=str(sample_cfg.get("offload", "none")), dtype=dtype)
+        pipe.place(offload=str(sample_cfg.get("offload", "none")), dtype=dtype,
+                   memory=str(sample_cfg.get("memory", "none")))
     return pipe

@@ -28,7 +28,9 @@ from ultraflux.io import atomic_path, naming_disk_full, sha256_file, sha256_json
 from ultraflux.losses import dit_loss
 from ultraflux.training.cache import build_cache, load_encoders
 from ultraflux.training.checkpoint import Checkpointer, Fingerprint, TrainState
+from ultraflux.training.ema import ema_update, make_ema, swapped_in
 from ultraflux.training.flow import predict_velocity, sample_sigmas
+from ultraflux.training.lora import apply_lora, save_trained
 from ultraflux.training.loop import (check_disk_space, check_finite, checkpoint_bytes, decided_by_main, disk_needs,
                                      rng_neutral)
 from ultraflux.training.memory import gradient_checkpointing, peak_memory
@@ -191,8 +193,10 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
                    else build_transformer(params["model"], params["rope"], seed=seed))
     if gradient_checkpointing(cfg["gradient_checkpointing"], f"{stage}.gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
+    apply_lora(transformer, cfg.get("lora"), seed)   # LoRA (training/lora.py): only the adapter trains; null = full
     transformer.train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    trainable = [p for p in transformer.parameters() if p.requires_grad]   # the adapter only, under LoRA
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     _configure_deepspeed(accelerator, batch_size, max_grad_norm)
     transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
@@ -204,6 +208,10 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     ckpt.reconcile(dit_fingerprint(params, stage, accelerator, init_sha, [k for k, _ in kept]), cfg["steps"])
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    ema_cfg = cfg.get("ema")   # EMA (training/ema.py): checkpointed with the rest; null = off
+    ema = make_ema(ema_cfg, accelerator.unwrap_model(transformer))
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)   # before the resume, which restores it
     ckpt.resume(accelerator, state, cfg["steps"])
     sampler.seek(state.step * grad_accum)
     workers = int(cache_cfg["num_workers"])
@@ -212,8 +220,9 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
                               pin_memory=torch.cuda.is_available()))
 
     def run_validation(step: int) -> None:
-        with rng_neutral():    # how often validation runs must not change the trajectory
-            validate_and_sample(step)
+        use_ema = bool(ema_cfg and ema_cfg["use_for_validation"])
+        with rng_neutral(), swapped_in(ema, accelerator.unwrap_model(transformer), use_ema):
+            validate_and_sample(step)   # how often validation runs must not change the trajectory
 
     def validate_and_sample(step: int) -> None:
         if len(val_set):
@@ -268,6 +277,7 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
         grad_norm = _grad_norm(transformer, grad_norm)
         check_finite(stage, state.step + 1, loss_value, grad_norm, scheduler.get_last_lr()[0], ckpt.latest())
         state.step += 1
+        ema_update(ema, ema_cfg, state.step, accelerator.unwrap_model(transformer))
         dt = time.perf_counter() - t0
         record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "samples_per_s": batch_size * grad_accum * accelerator.num_processes / dt, "step_time_s": dt,
@@ -290,11 +300,16 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     state_dict = accelerator.get_state_dict(transformer)   # collective under ZeRO-3; plain gather otherwise
     out_dir = Path(out_dir)
     if main:
-        from ultraflux.models.transformer import save_transformer
+        from ultraflux.models.transformer import write_weights_config
 
         with naming_disk_full(out_dir / "transformer", f"{stage} final weights"):
             with atomic_path(out_dir / "transformer") as tmp:
-                save_transformer(accelerator.unwrap_model(transformer), tmp, params["rope"], state_dict=state_dict)
+                save_trained(accelerator.unwrap_model(transformer), state_dict, tmp, cfg.get("lora"))
+                write_weights_config(tmp, params["rope"])
+                if ema is not None:   # the averaged weights beside the trained ones
+                    with swapped_in(ema, accelerator.unwrap_model(transformer)) as averaged:
+                        save_trained(averaged, averaged.state_dict(), tmp / "ema", cfg.get("lora"))
+                    write_weights_config(tmp / "ema", params["rope"])
         write_curves(out_dir, state)
     accelerator.wait_for_everyone()
     losses = [r["loss"] for r in state.history]
