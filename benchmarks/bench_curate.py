@@ -40,6 +40,7 @@ from ultraflux.config import load_params  # noqa: E402
 from ultraflux.data import synthetic  # noqa: E402
 from ultraflux.data.curate import run_curation  # noqa: E402
 from ultraflux.data.decode import decode_gray, decode_small, read_header  # noqa: E402
+from ultraflux.data.rule import texture_reason  # noqa: E402
 from ultraflux.data.stats import entropy_bits, flat_summary, patch_flatness  # noqa: E402
 
 SIZES = [(4096, 4096), (5120, 2880)]
@@ -96,13 +97,14 @@ def pillow_decode_all(files: list[Path]) -> None:
         np.asarray(Image.open(f).convert("RGB"))
 
 
-def bench_params(source: Path, cache: Path, all_kept: bool, gray: str = "luma") -> dict:
+def bench_params(source: Path, cache: Path, all_kept: bool, gray: str | None = None) -> dict:
+    """params.yaml at the 4K table, one worker; ``gray`` overrides curate.gray (None: params.yaml's)."""
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
     params["data"].update({"source": str(source), "variant": "multiaspect"})
     # entropy_min 0: every textured image reaches pass 2 (a few photo-like scenes fall just under 7.0 bits), so
     # "kept" is exactly the textured images; the texture-poor ones are rejected by the flat filter.
     params["curate"].update({"engine": "local", "workers": 1, "cache_dir": str(cache), "min_train_images": 1,
-                             "entropy_min": 0.0, "gray": gray,
+                             "entropy_min": 0.0, "gray": gray or params["curate"]["gray"],
                              "min_holdout_images": 0, "buckets": {"scale": 1.0,
                                                                   "aspects": params["curate"]["buckets"]["aspects"]}})
     if all_kept:
@@ -111,7 +113,7 @@ def bench_params(source: Path, cache: Path, all_kept: bool, gray: str = "luma") 
     return params
 
 
-def scenario(source: Path, repeats: int, gray: str = "luma") -> dict:
+def scenario(source: Path, repeats: int, gray: str | None) -> dict:
     files = sorted(source.glob("*.jpg"))
     decode, curate, metrics = [], [], {}
     for r in range(repeats + 1):  # the first round warms caches and imports and is not counted
@@ -242,8 +244,8 @@ def gray_table(files: list[Path], repeats: int) -> None:
         sl, se = patch_flatness(luma), patch_flatness(exact)
         fl, fe = flat_summary(sl, thr)[0], flat_summary(se, thr)[0]
         hl, he = entropy_bits(luma), entropy_bits(exact)
-        vl = "flat" if fl > max_frac else "low_H" if hl < h_min else "keep"
-        ve = "flat" if fe > max_frac else "low_H" if he < h_min else "keep"
+        vl = texture_reason(fl, hl, max_frac, h_min) or "keep"
+        ve = texture_reason(fe, he, max_frac, h_min) or "keep"
         flips += vl != ve
         changed += int(((sl < thr) != (se < thr)).sum())
         dfrac.append(abs(fl - fe))
@@ -269,7 +271,8 @@ def main() -> None:
     parser.add_argument("--gray", action="store_true", help="also print the luma vs OpenCV gray comparison")
     parser.add_argument("--photos", type=Path, help="folder of real JPEGs for --gray (default: the bench set)")
     parser.add_argument("--skip-curation", action="store_true", help="only the extra tables")
-    parser.add_argument("--gray-mode", choices=["luma", "opencv"], default="luma", help="curate.gray for the runs")
+    parser.add_argument("--gray-mode", choices=["luma", "opencv"], default=None,
+                        help="curate.gray for the runs (default: params.yaml's)")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     import torch
@@ -280,7 +283,7 @@ def main() -> None:
     half = make_set(args.images, args.images // 2, "half-poor")
     full = make_set(args.images, 0, "all-textured")
     if not args.skip_curation:
-        print(f"\ncurate.gray = {args.gray_mode}")
+        print(f"\ncurate.gray = {args.gray_mode or load_params(ROOT / 'params.yaml')['curate']['gray']}")
         print(f"{'scenario':>36} {'n':>3} {'Pillow decode s':>15} {'run_curation s':>14} {'ratio':>6} "
               f"{'budget':>6} {'kept':>4} {'flat':>4} {'img/s/core':>10}")
         for label, folder, budget in (("(a) half texture-poor, rest kept", half, 1.75),

@@ -16,12 +16,13 @@ def main(params, logger):
     from ultraflux import distributed
     from ultraflux.models.transformer import load_transformer
     from ultraflux.pipelines import load_pipeline
-    from ultraflux.sampling import sample_set
+    from ultraflux.sampling import sample_set, trained_transformer
     from ultraflux.io import write_json
     from ultraflux.tracking import repo_root
 
     distributed.process_state()   # joins the process group and picks this process' GPU before the pipeline loads
-    pipe = load_pipeline(params, Path("outputs/dit_stage2/transformer"), Path("outputs/vae/vae"))
+    weights = params["sample"]["weights"]   # raw | ema
+    pipe = load_pipeline(params, trained_transformer("outputs/dit_stage2", weights), Path("outputs/vae/vae"))
     prompts = list(params["sample"]["prompts"])
     if distributed.is_main():
         if params["sample"]["refine_prompts"]:
@@ -35,7 +36,8 @@ def main(params, logger):
     timing, tiled = {}, 0
     for label in ("dit_stage2", "dit_stage1"):
         if label != "dit_stage2":  # same VAE and text encoders: swap only the transformer
-            pipe.replace_transformer(load_transformer(Path("outputs") / label / "transformer", params["rope"]))
+            pipe.replace_transformer(load_transformer(trained_transformer(Path("outputs") / label, weights),
+                                                      params["rope"], rope_from=params["sample"]["rope_from"]))
         result = sample_set(params, pipe, prompts, OUT / label)
         tiled += result.pop("vae_tiled_images")
         timing.update({f"{label}.{k}": v for k, v in result.items()})
@@ -44,17 +46,27 @@ def main(params, logger):
     logger.log_metrics(timing)
     logger.set_tags({"sample.device": pipe.placement["device"], "sample.dtype": pipe.placement["dtype"],
                      "sample.offload": pipe.placement["offload"], "sample.rope": pipe.transformer.pos_embed.describe(),
+                     "sample.weights": weights,
                      "sample.vae_decode": pipe.last_decode.get("mode", "")})
     return {"num_prompts": len(prompts), "aspects": len(params["sample"]["aspects"]), "vae_tiled_images": tiled,
             "vae_decode_partitioned": int(pipe.last_decode.get("mode") == "partitioned"), "_timing": timing}
 
 
 def weights_rope(params):
-    """Pretrained weights released with another RoPE than rope.*: refused before any work."""
-    from ultraflux.models.transformer import rope_problems
+    """Pretrained weights released, or trained weights saved, with another RoPE than rope.*: refused before any work
+    (unless sample.rope_from: params)."""
+    from ultraflux.models.transformer import RopeMismatchError, check_model_dir, rope_problems
 
-    return rope_problems(params)
+    problems = rope_problems(params)
+    for label in ("dit_stage2", "dit_stage1"):
+        try:
+            check_model_dir(Path("outputs") / label / "transformer", params["rope"], params["sample"]["rope_from"])
+        except RopeMismatchError as e:
+            problems.append(str(e))
+    return problems
 
 
 if __name__ == "__main__":
-    run_stage("sample", main, checks=[weights_rope])
+    from ultraflux.sampling import ema_problems
+
+    run_stage("sample", main, checks=[weights_rope, ema_problems])

@@ -33,6 +33,9 @@ def edited(params, key, value, delete=False):
 WRONG_EDITS = [
     ("dit_stage1.stepz", 5, "'dit_stage1.stepz' is not a known key (did you mean 'dit_stage1.steps'?)"),
     ("curate.flat.treshold", 1, "'curate.flat.treshold' is not a known key (did you mean 'curate.flat.threshold'?)"),
+    ("curate.checkpoint_every", 5, "'curate.checkpoint_every' is not a known key (it belongs in vae_train, "
+     "dit_stage1 or dit_stage2, not in 'curate')"),   # a key put in the wrong section
+    ("shift", 3.0, "'shift' is not a known key (it belongs in dit_stage1 or dit_stage2, not at the top level)"),
     ("vae_train.checkpoint_every", 0, "'vae_train.checkpoint_every' must be greater than or equal to 1"),
     ("curate.max_image_pixels", "big", "'curate.max_image_pixels' must be a valid integer"),
     ("curate.entropy_min", 70, "'curate.entropy_min' must be less than or equal to 8"),
@@ -185,8 +188,13 @@ def test_paper_profile_matches_seed(tmp_path):
         (10000, 1.0, 1.25, 0.75, 2.0, 64)
     # Sec. 10: 50 sampling steps; 4K buckets.
     assert paper["sample"]["num_inference_steps"] == 50 and paper["curate"]["buckets"]["scale"] == 1.0
-    # The comments survive the rewrite.
-    assert "# seed Sec. 2.1" in p.read_text()
+    # The comments survive the rewrite; those that described the tiny value give way to the profile's own.
+    text = p.read_text()
+    assert "# seed Sec. 2.1" in text and "# seed Table 3 \"DiT objective\"" in text
+    assert "stage2_top: 0.05             # seed Table 3: stage-2 subset = ArtiMuse top-5%\n" in text
+    assert "tiny profile: 15%" not in text and "tiny: 1/8" not in text and "tiny: 128" not in text
+    named = [ln for ln in text.splitlines() if any(f" {k.rsplit('.', 1)[-1]}:" in ln for k in changed)]
+    assert not [ln for ln in named if "tiny" in ln], named
 
 
 def test_profile_with_unknown_key_is_rejected(tmp_path):

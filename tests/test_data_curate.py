@@ -20,6 +20,7 @@ from data_fixtures import bomb_png, exif_rotated_jpeg, jpeg_bytes, png_bytes, te
 from ultraflux.cli.curate_stats import main as cli_curate_stats
 from ultraflux.config import load_params
 from ultraflux.data import process
+from ultraflux.data.cache_entries import RESERVED, ROOT_LOCK
 from ultraflux.data.curate import MANIFEST_COLUMNS, TooFewImages, run_curation
 from ultraflux.data.ingest import SourceError
 from ultraflux.data.shards import iter_shard, open_image, read_image_bytes
@@ -28,21 +29,16 @@ PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def base_params(**curate_overrides) -> dict:
-    params = load_params(PARAMS_FILE) if PARAMS_FILE.is_file() else {}
-    params = copy.deepcopy(params)
-    params.setdefault("seed", 0)
-    params.setdefault("data", {}).update({"variant": "multiaspect", "source": "",
-                                          "synthetic": {"num_images": 20, "long_side": 768}})
-    curate = params.setdefault("curate", {})
+    """params.yaml with a small synthetic set and one worker; ``curate_overrides`` replace keys of ``curate`` (a
+    dict value is merged into its sub-section), so the result stays schema-valid."""
+    params = copy.deepcopy(load_params(PARAMS_FILE))
+    params["data"].update({"variant": "multiaspect", "source": "", "synthetic": {"num_images": 20, "long_side": 768}})
+    curate = params["curate"]
     curate.update({"engine": "local", "workers": 1, "cache_dir": "", "min_train_images": 1, "min_holdout_images": 0,
-                   "flat": {"patch": 240, "threshold": 800.0, "max_fraction": 0.5}, "gray": "luma",
-                   "entropy_min": 7.0, "max_upscale": 1.5, "holdout_fraction": 0.1, "image_format": "jpeg",
-                   "image_quality": 95, "shard_max_mb": 1024,
-                   "quality": {"weights": "", "threshold": 4.0, "standin_keep_fraction": 0.9},
-                   "aesthetic": {"weights": "", "keep_top": 0.3, "stage2_top": 0.05},
-                   "buckets": {"scale": 0.125, "aspects": ["1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "2:1",
-                                                           "1:2", "2.39:1", "1:2.39"]}})
-    curate.update(curate_overrides)
+                   "holdout_fraction": 0.1, "image_format": "jpeg", "shard_max_mb": 1024})
+    curate["aesthetic"]["stage2_top"] = 0.05
+    for key, value in curate_overrides.items():
+        curate[key] = {**curate[key], **value} if isinstance(value, dict) else value
     return params
 
 
@@ -163,7 +159,8 @@ def test_resume_after_a_kill_in_either_pass(tmp_path, monkeypatch):
     scan, render = Counter(monkeypatch, "analyze"), Counter(monkeypatch, "render")
     metrics = run_curation(params, out, progress=False)
     assert scan.n == 0 and render.n == metrics["num_kept"] - 2  # two bucket images were done before the kill
-    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in (".params.json", ".cache")]
+    bookkeeping = {".params.json", ".cache", ROOT_LOCK, *RESERVED}  # no temporary is left behind
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in bookkeeping]
 
 
 def test_stray_temporary_files_are_swept(synthetic_run):
@@ -205,7 +202,7 @@ def test_guard_stops_with_the_key_and_the_removals(tmp_path):
 
 
 def bad_input_source(src: Path) -> dict[str, str]:
-    """32 entries: broken, truncated, zero-byte, mislabelled, dangling-link, unreadable and odd files beside good
+    """33 entries: broken, truncated, zero-byte, mislabelled, dangling-link, unreadable and odd files beside good
     ones; returns name -> the reason (or reason prefix) expected for it."""
     src.mkdir()
     good = textured(512, 384, seed=1)
@@ -242,7 +239,7 @@ def bad_input_source(src: Path) -> dict[str, str]:
     add("emptycaption.jpg", jpeg_bytes(textured(512, 384, seed=12)), "no_caption", caption=b"   \n")
     add("latin1.jpg", jpeg_bytes(textured(512, 384, seed=13)), "bad_caption: not UTF-8",
         caption="caf\xe9 au lait".encode("latin-1"))
-    add("zz_duplicate.jpg", jpeg_bytes(good), "duplicate: " + str(src / "good.jpg"))
+    add("zz_duplicate.jpg", jpeg_bytes(good), "duplicate: good.jpg")  # the first in sorted order, relative
     add("flat.png", png_bytes(Image.fromarray(np.full((384, 512, 3), 90, np.uint8))), "flat")
     add("webp.webp", _webp(textured(512, 384, seed=16)), "")
     add("gif.gif", _gif(textured(512, 384, seed=17)), "~")
@@ -257,12 +254,13 @@ def bad_input_source(src: Path) -> dict[str, str]:
     expect["dangling.jpg"] = "unreadable: dangling symlink"
     os.symlink(src / "good.jpg", src / "zz_link_to_good.jpg")
     (src / "zz_link_to_good.txt").write_text("same bytes through a link")
-    expect["zz_link_to_good.jpg"] = "duplicate: " + str(src / "good.jpg")
+    expect["zz_link_to_good.jpg"] = "duplicate: good.jpg"
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(src / "socket.jpg"))  # unreadable even for root
     sock.close()
     expect["socket.jpg"] = "unreadable: not a regular file"
-    (src / "folder.jpg").mkdir()  # a folder with an image name is a folder, not a source
+    (src / "folder.jpg").mkdir()  # a folder with an image name gets its row, and its images are sources
+    expect["folder.jpg"] = "unreadable: is a directory"
     (src / "folder.jpg" / "inner.png").write_bytes(png_bytes(Image.fromarray(textured(512, 384, seed=22))))
     (src / "folder.jpg" / "inner.txt").write_text("nested")
     expect["inner.png"] = ""
@@ -300,7 +298,7 @@ def bad_input_params(src: Path, **overrides) -> dict:
 
 def check_bad_inputs(df: pd.DataFrame, expect: dict[str, str]) -> None:
     reason = dict(zip(df["source"].map(lambda s: Path(s).name), df["reason"]))
-    assert sorted(reason) == sorted(expect) and len(df) == len(expect) == 32  # one row per path, none lost
+    assert sorted(reason) == sorted(expect) and len(df) == len(expect) == 33  # one row per path, none lost
     for name, want in expect.items():
         if want == "~":  # readable; the texture filters may or may not keep it
             assert reason[name] in ("", "flat", "low_entropy"), (name, reason[name])
@@ -309,6 +307,7 @@ def check_bad_inputs(df: pd.DataFrame, expect: dict[str, str]) -> None:
         else:
             assert reason[name] == want, (name, reason[name])
     assert not df["reason"].str.contains("0x|<_io", regex=True).any()  # no memory addresses
+    assert not df["reason"].str.contains(r"(?<!UTF-)\d|/", regex=True).any()  # no byte counts, no paths: stable reasons
 
 
 def test_bad_inputs_each_get_one_row_and_a_stable_reason(tmp_path):
@@ -321,7 +320,7 @@ def test_bad_inputs_each_get_one_row_and_a_stable_reason(tmp_path):
     assert rotated["bucket"] == "3:4"
     im = open_image(tmp_path / "out", rotated.to_dict())
     assert im.size == (rotated["width"], rotated["height"]) and im.height > im.width
-    assert metrics["num_sources"] == 32 and metrics["rejected_decompression_bomb"] == 1
+    assert metrics["num_sources"] == 33 and metrics["rejected_decompression_bomb"] == 1
     row = df[df["source"].str.endswith("bomb.png")].iloc[0]
     assert np.isnan(row["entropy"]) and row["shard"] == "" and not row["kept"]
 
@@ -354,7 +353,7 @@ def test_local_and_ray_give_byte_identical_manifests_and_shards(tmp_path):
     expect = bad_input_source(tmp_path / "src")
     run_curation(bad_input_params(tmp_path / "src", workers=2), tmp_path / "local", progress=False)
     check_bad_inputs(manifest(tmp_path / "local"), expect)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stale cluster
     try:
         run_curation(bad_input_params(tmp_path / "src", engine="ray", workers=2), tmp_path / "ray", progress=False)
     finally:
@@ -436,16 +435,78 @@ def test_cli_curate_stats(tmp_path, capsys, monkeypatch):
     Image.fromarray(flat).save(tmp_path / "flat.png")
     Image.fromarray(textured(600, 480)).save(tmp_path / "tex.png")
     (tmp_path / "bad.jpg").write_bytes(b"nope")
-    assert cli_curate_stats(["flat.png", "tex.png", "bad.jpg"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [set(r) >= {"path", "s_flat_fraction", "entropy", "bucket", "kept", "reason"} for r in lines] == [True] * 3
+    assert cli_curate_stats(["flat.png", "tex.png", "bad.jpg", "missing.jpg"]) == 1  # bad inputs: non-zero
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [set(r) >= {"path", "s_flat_fraction", "entropy", "bucket", "kept", "reason"} for r in lines] == [True] * 4
     assert lines[0]["reason"] == "flat" and lines[0]["s_flat_fraction"] == 1.0 and not lines[0]["kept"]
     assert lines[1]["kept"] and lines[1]["reason"] == "" and lines[1]["bucket"] == "4:3"
     assert lines[2]["reason"].startswith("unreadable") and lines[2]["entropy"] is None
-    (tmp_path / "params.yaml").unlink()  # seed defaults: 4K buckets, a 600x480 image is too small for them
+    assert lines[3]["reason"] == "unreadable: file not found"
+    assert f"settings from {tmp_path / 'params.yaml'} (validated)" in err
+    assert "bad.jpg: unreadable: not a recognised image format" in err and "missing.jpg: unreadable: file not found" \
+        in err and "2 of 4 input(s) missing or unreadable" in err
+    assert cli_curate_stats(["flat.png", "tex.png"]) == 0  # verdicts on readable images are not errors
+    capsys.readouterr()
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**base_params(), "curate": {**base_params()["curate"],
+                                                                                      "entropy_min": 70}}))
+    assert cli_curate_stats(["--params", "other.yaml", "tex.png"]) == 2  # validated, before any image is read
+    out, err = capsys.readouterr()
+    assert out == "" and "other.yaml: 'curate.entropy_min' must be less than or equal to 8" in err
+    assert cli_curate_stats(["--params", "nope.yaml", "tex.png"]) == 2
+    (tmp_path / "params.yaml").unlink()  # outside a repository: the schema's defaults, 4K buckets: too small
     assert cli_curate_stats(["tex.png"]) == 0
-    record = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    record = json.loads(out)
     assert record["reason"] == "too_small" and record["entropy"] > 7.0
+    assert "no ./params.yaml here, using the schema's defaults" in err and "gray opencv" in err
+
+
+def test_entropy_just_below_the_threshold_is_rejected_by_every_path(tmp_path, monkeypatch):
+    """H = 6.99999 (a stat stand-in, monkeypatched): curate-stats, pass 1, the selection and the stage all say
+    low_entropy; H = 7.0 passes everywhere (curate-stats used to round to 4 decimals first and keep 6.99999)."""
+    from ultraflux.config import typed
+    from ultraflux.data.curate import image_stats
+    from ultraflux.data.select import assign_reasons
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        write(src / f"img{i}.jpg", jpeg_bytes(textured(512, 384, seed=30 + i)))
+    params = base_params(entropy_min=7.0)
+    params["data"]["source"] = str(src)
+    curate = typed(params).curate
+    for entropy, verdict in ((6.99999, "low_entropy"), (7.0, "")):
+        monkeypatch.setattr(process, "entropy_bits", lambda gray, h=entropy: h)
+        assert image_stats(str(src / "img0.jpg"), curate)["reason"] == verdict
+        cfg = {"variant": "multiaspect", "flat_threshold": 800.0, "flat_max_fraction": 0.5, "entropy_min": 7.0,
+               "scale": 0.125, "aspects": ["4:3"], "max_upscale": 1.5}
+        rec = {"error": "", "s_flat": [0.0, 900.0, 900.0], "entropy": entropy, "orig_width": 512, "orig_height": 384}
+        assert process.is_candidate(rec, cfg, "") == (verdict == "")
+        rows = pd.DataFrame({"id": ["a"], "source": ["x"], "relative": ["x"], "error": [""], "caption_error": [""],
+                             "s_flat_fraction": [1 / 3], "entropy": [entropy], "quality": [1.0], "aesthetic": [1.0]})
+        assign_reasons(rows, curate, "multiaspect", False)
+        assert rows["reason"].iloc[0] == verdict
+        run_curation(params, tmp_path / "out", progress=False) if verdict == "" else None
+    assert set(manifest(tmp_path / "out")["reason"]) <= {"", "low_quality", "low_aesthetic"}
+    monkeypatch.setattr(process, "entropy_bits", lambda gray: 6.99999)
+    with pytest.raises(TooFewImages):
+        run_curation(params, tmp_path / "low", progress=False)
+    assert set(manifest(tmp_path / "low")["reason"]) == {"low_entropy"}
+
+
+def test_stage_and_curate_stats_agree_on_every_image(synthetic_run):
+    """The same statistics (not rounded) and the same per-image verdict from the stage and from curate-stats."""
+    from ultraflux.config import typed
+    from ultraflux.data.curate import image_stats
+
+    out, _ = synthetic_run
+    curate = typed(base_params()).curate
+    per_image = {"flat", "low_entropy", "too_small"}
+    for row in manifest(out).itertuples():
+        record = image_stats(row.source, curate)
+        assert record["s_flat_fraction"] == row.s_flat_fraction and record["entropy"] == row.entropy, row.source
+        assert record["reason"] == (row.reason if row.reason in per_image else ""), row.source
 
 
 def test_learned_quality_scorer_path_uses_threshold_and_cache(synthetic_run, tmp_path, monkeypatch):
@@ -535,3 +596,120 @@ def test_examples_show_kept_and_each_rejection_reason(synthetic_run):
             assert it["image"] is None or max(it["image"].size) <= THUMB
     assert all(it["image"] is not None for it in by["kept"]["items"] + by["flat"]["items"])   # decodable
     assert [it["id"] for it in curation_examples(df, out)[0]["items"]] == [it["id"] for it in by["kept"]["items"]]
+
+
+def cached_params(synthetic_run, **curate_overrides) -> dict:
+    """Curate the synthetic fixture's images again, with its cache (only pass 2 / outputs do work)."""
+    out, _ = synthetic_run
+    params = base_params(**curate_overrides)
+    params["data"]["source"] = str(out / "source")
+    params["curate"]["cache_dir"] = str(out / ".cache")
+    return params
+
+
+def test_a_full_disk_at_the_shards_or_the_manifest_leaves_no_dataset_that_looks_complete(synthetic_run, tmp_path,
+                                                                                        monkeypatch):
+    """Injected ENOSPC: one line naming the path; no shard, temporary or manifest is left (not even the previous
+    run's manifest, which would name shards that are gone)."""
+    import errno
+    import tarfile
+
+    from ultraflux.io import DiskFullError
+
+    out = tmp_path / "out"
+    run_curation(cached_params(synthetic_run), out, progress=False)
+    real_addfile, calls = tarfile.TarFile.addfile, []
+
+    def addfile_until_full(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the second sample's image: the first shard is half-written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_addfile(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile_until_full)
+    with pytest.raises(DiskFullError) as info:
+        run_curation(cached_params(synthetic_run), out, progress=False)
+    assert str(info.value).startswith(f"ENOSPC (no space left on device) writing a curation shard at "
+                                      f"{out / 'shards/train-000000.tar'} (") and "free space there" in str(info.value)
+    assert not (out / "shards").exists() and not (out / "manifest.parquet").exists()
+    monkeypatch.setattr(tarfile.TarFile, "addfile", real_addfile)
+
+    def full_parquet(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full_parquet)
+    with pytest.raises(DiskFullError, match=r"ENOSPC \(no space left on device\) writing the curated manifest at "
+                                            r".*out/manifest.parquet"):
+        run_curation(cached_params(synthetic_run), out, progress=False)
+    assert not (out / "shards").exists() and not (out / "manifest.parquet").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".manifest")]  # nor its temporary
+
+
+def test_a_real_full_tmpfs_names_the_shard(synthetic_run, tmp_path):
+    """The same on a real 1 MiB tmpfs (root only; skipped where mounting is not permitted)."""
+    import subprocess
+
+    from ultraflux.io import DiskFullError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        (disk / "filler").write_bytes(b"\0" * ((1 << 20) - (32 << 10)))  # 32 KiB left: less than the shards
+        with pytest.raises(DiskFullError, match=r"ENOSPC \(no space left on device\) writing .* at .*/shards/"):
+            run_curation(cached_params(synthetic_run), disk / "out", progress=False)
+        assert not (disk / "out" / "shards").exists() and not (disk / "out" / "manifest.parquet").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_shared_cache_dir_keeps_user_folders_and_the_other_pipelines_cache(synthetic_run, tmp_path):
+    """curate.cache_dir holding a user's folders (12-hex names too) and a second pipeline's cache: after this
+    pipeline's curations, with a settings change that makes one of its own entries stale, only that entry is gone."""
+    from test_data_cache_entries import user_files
+
+    cache = tmp_path / "cache"
+    users = user_files(cache)
+    params = cached_params(synthetic_run)
+    params["curate"]["cache_dir"] = str(cache)
+    other = copy.deepcopy(params)
+    other["curate"]["image_quality"] = 90
+    run_curation(other, tmp_path / "other-pipeline", progress=False)
+    theirs = {p.name for p in cache.iterdir() if p.is_dir()} - {p.parent.name for p in users}
+    run_curation(params, tmp_path / "out", progress=False)
+    mine_before = {p.name for p in cache.iterdir() if p.is_dir()} - theirs - {p.parent.name for p in users}
+    assert len(mine_before) == 1 and next(iter(mine_before)).startswith("render-")  # the scan entry is shared
+    params["curate"]["image_quality"] = 85
+    run_curation(params, tmp_path / "out", progress=False)
+    names = {p.name for p in cache.iterdir() if p.is_dir()}
+    assert theirs <= names and not mine_before & names  # theirs kept; my stale render entry pruned
+    assert all(path.read_text() == text for path, text in users.items())
+
+
+CURATE_IN_A_PROCESS = ("import json, sys\nfrom ultraflux.data.curate import run_curation\n"
+                       "run_curation(json.load(open(sys.argv[1])), sys.argv[2], progress=False)\n")
+
+
+def test_two_concurrent_curations_share_one_cache_dir(synthetic_run, tmp_path):
+    """Two processes curate the same images into one fresh cache dir at the same time (both write the same
+    entries): both succeed, and both outputs are byte-identical to a run alone."""
+    import subprocess
+    import sys
+
+    out, _ = synthetic_run
+    src = tmp_path / "src"
+    src.mkdir()
+    for image in sorted((out / "source").glob("*.png"))[:6]:
+        write(src / image.name, image.read_bytes())
+    params = cached_params(synthetic_run)
+    params["data"]["source"] = str(src)
+    run_curation(params, tmp_path / "serial", progress=False)
+    params["curate"]["cache_dir"] = str(tmp_path / "shared-cache")
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    procs = [subprocess.Popen([sys.executable, "-c", CURATE_IN_A_PROCESS, str(tmp_path / "params.json"),
+                               str(tmp_path / name)], stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert output_digests(tmp_path / "a") == output_digests(tmp_path / "b") == output_digests(tmp_path / "serial")

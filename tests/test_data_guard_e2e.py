@@ -41,5 +41,7 @@ def test_dvc_repro_stops_at_curate_when_too_few_images_remain(tmp_path):
     assert proc.returncode != 0, out
     assert "curate.min_train_images = 4 but " in out and "training image(s) remain" in out
     assert "flat 5" in out  # what each filter removed
+    # ... and which key to relax, in which direction, to which value (uniform cards: every patch is flat)
+    assert "flat (5 removed): raise curate.flat.max_fraction from 0.5 to 1 to let up to all 5 past" in out, out
     assert "Running stage 'curate'" in out and "Running stage 'vae'" not in out
     assert not (repo / "outputs/vae").exists() and not (repo / "metrics/curate.json").exists()

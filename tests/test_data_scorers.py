@@ -95,3 +95,30 @@ def test_standins_are_named_and_resolution_independent():
     assert scorers.hasler_colorfulness(big) == scorers.hasler_colorfulness(small)
     assert scorers.scorer_name("quality", {}) == "standin:laplacian-sharpness"
     assert scorers.scorer_name("aesthetic", {"weights": ""}) == "standin:hasler-colorfulness"
+
+
+def test_grayscale_photos_are_not_ranked_by_colourfulness(params):
+    """Under the colourfulness stand-in a grayscale photo scores 0 and would always be low_aesthetic: it is marked
+    as not scored (recorded in its scorer column) and passes the aesthetic filter; colour photos are still ranked."""
+    import pandas as pd
+
+    from ultraflux.config import typed
+    from ultraflux.data import scorers
+    from ultraflux.data.select import assign_reasons
+
+    gray = np.repeat(np.random.default_rng(0).integers(0, 256, (64, 96, 1), dtype=np.uint8), 3, axis=2)
+    assert scorers.hasler_colorfulness(gray) < scorers.GRAYSCALE_COLORFULNESS
+    n = 10
+    rows = pd.DataFrame({"id": [f"{i:02d}" for i in range(n)], "source": [f"s{i}" for i in range(n)],
+                         "relative": [f"s{i}" for i in range(n)], "error": "", "caption_error": "",
+                         "s_flat_fraction": 0.0, "entropy": 7.5, "quality": 5.0,
+                         "aesthetic": [0.0, 0.2] + [10.0 + i for i in range(n - 2)],
+                         "aesthetic_scorer": scorers.AESTHETIC_STANDIN})
+    assert scorers.skip_grayscale(rows) == 2
+    assert list(rows["aesthetic_scorer"][:2]) == [scorers.GRAYSCALE_SKIPPED] * 2 and rows["aesthetic"][:2].isna().all()
+    assign_reasons(rows, typed(params).curate, "multiaspect", quality_learned=True)
+    assert (rows["reason"][:2] == "").all()                                      # the two grayscale photos pass
+    colour = rows.iloc[2:]
+    assert (colour["reason"] == "").sum() == 3 and (colour["reason"] == "low_aesthetic").sum() == 5  # top 30% of 8
+    learned = rows.assign(aesthetic_scorer="artimuse:ckpt", aesthetic=0.0)
+    assert scorers.skip_grayscale(learned) == 0                                 # a learned scorer is left alone

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from data_fixtures import textured
-from ultraflux.data.stats import (entropy_bits, flat_summary, gray_counts, is_flat, patch_flatness, patch_grid,
-                                  to_gray)
+from ultraflux.data.rule import texture_reason
+from ultraflux.data.stats import entropy_bits, flat_summary, gray_counts, patch_flatness, patch_grid, to_gray
 
 
 def tool_flatness(gray: np.ndarray, patch: int = 240) -> list[float]:
@@ -66,7 +66,7 @@ def test_equals_the_public_tool_on_realistic_images(photos):
         ref = tool_flatness(gray)
         assert ours.shape == patch_grid(*gray.shape) == (gray.shape[0] // 240, gray.shape[1] // 240), name
         np.testing.assert_allclose(ours.ravel(), ref, rtol=1e-9, atol=1e-7, err_msg=name)
-        fraction, _ = flat_summary(ours)
+        fraction, _ = flat_summary(ours, 800.0)
         assert abs(fraction - tool_flat_fraction(ref)) <= 1e-9, name
         sizes.add(gray.shape)
     assert any(h % 240 or w % 240 for h, w in sizes) and any(0 < tool_flat_fraction(tool_flatness(to_gray(p))) < 1
@@ -148,17 +148,17 @@ def test_grid_is_top_left_and_partial_patches_are_skipped():
 def test_no_full_patch_is_not_flat_as_in_the_tool():
     s = patch_flatness(np.zeros((100, 500), np.uint8))
     assert s.shape == (0, 2)
-    fraction, mean = flat_summary(s)
+    fraction, mean = flat_summary(s, 800.0)
     assert fraction == 0.0 == tool_flat_fraction([]) and math.isnan(mean)
-    assert not is_flat(fraction, 0.5)
+    assert texture_reason(fraction, 8.0, 0.5, 7.0) == ""
 
 
 def test_flat_decision_is_strictly_more_than_half():
     values = np.array([100.0, 900.0, 50.0, 1000.0])
     fraction, mean = flat_summary(values, 800)
     assert fraction == 0.5 and mean == pytest.approx(512.5)
-    assert not is_flat(fraction, 0.5)
-    assert is_flat(flat_summary(np.array([1.0, 2.0, 900.0]), 800)[0], 0.5)
+    assert texture_reason(fraction, 8.0, 0.5, 7.0) == ""
+    assert texture_reason(flat_summary(np.array([1.0, 2.0, 900.0]), 800)[0], 8.0, 0.5, 7.0) == "flat"
 
 
 def test_entropy_hand_values():

@@ -1,5 +1,6 @@
 """Weight-free metrics (Diffusion-4K GLCM score, JPEG-q95 compression ratio) and honest 'not computed' entries."""
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -106,3 +107,28 @@ def test_hpsv3_weights_without_the_package_say_so(params, monkeypatch, tmp_path)
     cfg = {**params, "evaluate": {**params["evaluate"], "hpsv3_weights": str(tmp_path)}}
     out = generation_metrics([Image.new("RGB", (32, 32))], cfg, paths=["0.png"], prompts=["a"])
     assert out["hpsv3"].startswith("not computed (hpsv3 package not installed")
+
+
+def test_reconstruction_learned_metrics_name_what_is_missing_or_failed(tmp_path, params):
+    """rFID and LPIPS with their weights set say what failed (never the 'no weights' text); unset, they name the key."""
+    from ultraflux.evaluation.metrics import ReconstructionLearned
+
+    unset = ReconstructionLearned(params["evaluate"]).result()
+    assert unset == {"rfid": "not computed (no weights at evaluate.fid_inception_weights)",
+                     "lpips": "not computed (no weights at evaluate.lpips_weights)"}
+    cfg = {**params["evaluate"], "lpips_weights": str(tmp_path), "fid_inception_weights": str(tmp_path / "inc.pth")}
+    learned = ReconstructionLearned(cfg)
+    x = torch.rand(3, 64, 64) * 2 - 1
+    learned.update(x, x.clone())
+    got = learned.result()
+    assert "evaluate.lpips_weights" in got["lpips"] and "vgg16-397923af.pth" in got["lpips"]
+    assert isinstance(got["rfid"], float) or ("no weights at" not in got["rfid"] and got["rfid"].startswith(
+        "not computed")), got
+
+
+def test_artimuse_in_evaluate_names_its_own_code_dir_key(params):
+    from ultraflux.config import validate
+
+    bad = {**params, "evaluate": {**params["evaluate"], "artimuse_weights": "/models/artimuse"}}
+    with pytest.raises(Exception, match="evaluate.artimuse_code_dir"):
+        validate(bad, "params.yaml", check_paths=False)

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from conftest import copy_project
 from ultraflux.config import load_params
 
-ALL_STAGES = {"curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"}
+ALL_STAGES = {"download", "curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"}
 
 
 def sh(cmd, cwd, env=None, timeout=900):
@@ -108,3 +108,14 @@ def test_dvc_repro_then_exp_run(tmp_path):
     assert json.loads((repo / "outputs/results/dit_stage2.json").read_text())["steps"] == new_steps
     shown = sh("dvc exp show --json", repo, env)
     assert "final_loss" in shown
+
+    # A typo in params.yaml after a full run: refused by the `params` stage before DVC removes any output.
+    good = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(good.replace("  entropy_min:", "  entropy_minn:"))
+    proc = subprocess.run("dvc repro", cwd=repo, env=env, capture_output=True, text=True, shell=True, timeout=600)
+    assert proc.returncode != 0 and "curate.entropy_minn" in proc.stderr, proc.stderr[-3000:]
+    assert "Running stage 'curate'" not in proc.stdout
+    assert (repo / "outputs/curated/manifest.parquet").is_file() and (repo / "outputs/vae/vae").is_dir()
+    (repo / "params.yaml").write_text(good)
+    status = sh("dvc status", repo, env)
+    assert "deleted" not in status and "not in cache" not in status, status

@@ -131,7 +131,8 @@ def test_offload_calls_diffusers_on_an_accelerator(model_dirs, monkeypatch):
     monkeypatch.setattr(UltraFluxPipeline, "enable_sequential_cpu_offload",
                         lambda self, device: seen.append(("sequential", device)))
     monkeypatch.setattr(UltraFluxPipeline, "to", lambda self, *a, **k: seen.append(("to", k)) or self)
-    assert pipe.place("model", device="cuda") == {"device": "cuda", "dtype": "bfloat16", "offload": "model"}
+    assert pipe.place("model", device="cuda") == {"device": "cuda", "dtype": "bfloat16", "offload": "model",
+                                                  "memory": "none"}
     assert pipe.place("sequential", dtype="float32", device="cuda")["offload"] == "sequential"
     assert seen == [("model", torch.device("cuda")), ("sequential", torch.device("cuda"))]
     assert pipe.transformer.dtype == torch.float32 and pipe.vae.dtype == torch.float32   # cast back by the 2nd call

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 from training_fixtures import make_curated, save_vae, tiny_params
-from ultraflux.training.checkpoint import Checkpointer, TrainState
+from ultraflux.training.checkpoint import Checkpointer, Fingerprint, TrainState
 
 WORKER = ROOT / "tests" / "dit_worker.py"
 ENV = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # 2 runs side by side
@@ -108,16 +108,20 @@ def test_checkpointer_layout(tmp_path):
     accelerator = Accelerator(cpu=True)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    c = Checkpointer(tmp_path / "ck", "fp-a", keep=2, accelerator=accelerator)
+    c = Checkpointer(tmp_path / "ck", "test", keep=2, accelerator=accelerator)
+    c.reconcile(Fingerprint({"lr": 1}), 10)
     for step in (1, 2, 3):
         state.step = step
         c.save(accelerator, step)
     assert [p.name for p in c.checkpoints()] == ["step-00000002", "step-00000003"]
     (tmp_path / "ck" / "step-00000004.tmp").mkdir()   # a save killed half-way
-    c = Checkpointer(tmp_path / "ck", "fp-a", keep=2, accelerator=accelerator)
+    c = Checkpointer(tmp_path / "ck", "test", keep=2, accelerator=accelerator)
+    c.reconcile(Fingerprint({"lr": 1}), 10)
     assert not (tmp_path / "ck" / "step-00000004.tmp").exists()
     state.step = 0
-    c.load(accelerator, c.latest())
+    c.resume(accelerator, state, 10)
     assert state.step == 3                               # the registered state comes back with accelerate's load_state
-    c = Checkpointer(tmp_path / "ck", "fp-b", keep=2)     # other params/data: never resumed, discarded
-    assert c.latest() is None and (tmp_path / "ck" / "fingerprint").read_text() == "fp-b"
+    c.reconcile(Fingerprint({"lr": 2}), 10)              # another trajectory: never resumed, moved aside (kept)
+    assert c.latest() is None and json.loads((tmp_path / "ck" / "fingerprint.json").read_text())["trajectory"] == \
+        {"lr": 2}
+    assert sorted(p.name for p in tmp_path.glob("ck.superseded-*/step-*")) == ["step-00000002", "step-00000003"]

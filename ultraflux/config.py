@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ultraflux.io import atomic_path
-from ultraflux.schema import Params
+from ultraflux.schema import Params, known_keys
 
 PARAMS_FILE = "params.yaml"
 
@@ -101,13 +101,24 @@ def _siblings(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _where_it_belongs(loc: tuple) -> str:
+    """The hint for an unknown key: the section(s) that have a key of that name (a key put in the wrong section),
+    else the closest key of its own section (a typo), else ""."""
+    name = str(loc[-1])
+    sections = [k.rpartition(".")[0] for k in known_keys() if k.rpartition(".")[2] == name and "." in k]
+    if sections:
+        where = ", ".join(sections[:-1]) + (" or " if len(sections) > 1 else "") + sections[-1]
+        here = f", not in '{_dotted(loc[:-1])}'" if len(loc) > 1 else ", not at the top level"
+        return f" (it belongs in {where}{here})"
+    close = difflib.get_close_matches(name, _siblings(loc), n=1, cutoff=0.5)
+    return f" (did you mean '{_dotted(loc[:-1] + (close[0],))}'?)" if close else ""
+
+
 def _describe(err: dict) -> str:
     loc, kind = tuple(err["loc"]), err["type"]
     key = _dotted(loc)
     if kind == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _siblings(loc), n=1, cutoff=0.5)
-        hint = f" (did you mean '{_dotted(loc[:-1] + (close[0],))}'?)" if close else ""
-        return f"'{key}' is not a known key{hint}"
+        return f"'{key}' is not a known key{_where_it_belongs(loc)}"
     if kind == "missing":
         return f"missing key '{key}'"
     msg = err["msg"].removeprefix("Value error, ")
@@ -131,9 +142,11 @@ def _path_problems(params: dict) -> list[str]:
     if source and isinstance(source, str):
         p = Path(source)
         table = p.is_file() and p.suffix.lower() in (".csv", ".parquet")
-        if not table and not (p.is_dir() and os.access(p, os.R_OK | os.X_OK)):
-            problems.append(f"'data.source' must be a readable folder of images or a .csv/.parquet table "
-                            f"(or \"\" for the generated set); {source!r} is not")
+        release = p.is_file() and p.name.lower().endswith((".tar.gz", ".tgz", ".tar"))  # data/metadata.py
+        if not (table or release) and not (p.is_dir() and os.access(p, os.R_OK | os.X_OK)):
+            problems.append(f"'data.source' must be a readable folder of images, a .csv/.parquet table or the "
+                            f"released metadata (.tar.gz or a folder of JSON files) (or \"\" for the generated "
+                            f"set); {source!r} is not")
     return problems
 
 
@@ -156,6 +169,17 @@ def validate(params: dict, source: str | os.PathLike = PARAMS_FILE, check_paths:
 
 def load_validated(path: str | os.PathLike = PARAMS_FILE, check_paths: bool = True) -> dict:
     return validate(load_params(path), path, check_paths)
+
+
+def typed(params: dict | Params, source: str | os.PathLike = PARAMS_FILE) -> Params:
+    """The typed :class:`~ultraflux.schema.Params` of a params dict, schema defaults filled in (raises
+    :class:`ParamsError` naming ``source`` and every bad key); a ``Params`` is returned as it is."""
+    if isinstance(params, Params):
+        return params
+    try:
+        return Params.model_validate(params)
+    except ValidationError as e:
+        raise ParamsError([_describe(err) for err in e.errors(include_url=False)], source) from None
 
 
 def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLike = PARAMS_FILE) -> list[str]:
@@ -183,6 +207,7 @@ def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLik
             else:
                 if dst[k] != v:
                     changed.append(key)
+                _replace_comment(dst, src, k, f"set by {Path(profile_path).name}")
                 dst[k] = v
 
     merge(doc, overlay)
@@ -193,6 +218,37 @@ def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLik
     with atomic_path(params_path) as tmp:
         tmp.write_text(text)
     return changed
+
+
+def _comment_lines(token) -> tuple[list[str], list[str]]:
+    """A ruamel end-of-line comment token -> (its own lines, the lines after them that belong to what follows).
+    Its own lines are the first and the comment lines aligned under it (continuations)."""
+    first, *rest = token.value.split("\n")
+    own = [first]
+    while rest and rest[0].lstrip().startswith("#") and len(rest[0]) - len(rest[0].lstrip()) >= token.column - 2:
+        own.append(rest.pop(0).strip())
+    return own, rest
+
+
+def _replace_comment(dst, src, key, fallback: str) -> None:
+    """The end-of-line comment of ``dst[key]`` may describe the old value ("tiny profile: 15%"). It becomes the
+    profile's own comment of that key; without one, a comment that speaks of the tiny profile becomes ``fallback``
+    and any other stays (it documents the key). Lines that ruamel keeps in the same token but that belong to the next
+    key or section stay in place."""
+    old = (dst.ca.items.get(key) or [None] * 4)[2]
+    new = (src.ca.items.get(key) or [None] * 4)[2] if hasattr(src, "ca") else None
+    old_own, rest = _comment_lines(old) if old is not None else ([], [])
+    if new is not None:
+        text = _comment_lines(new)[0]
+    elif any("tiny" in line for line in old_own):
+        text = [f"# {fallback}"]
+    else:
+        return
+    if old is None:
+        dst.yaml_add_eol_comment(" ".join(t.lstrip("# ") for t in text), key)
+        return
+    pad = " " * old.column
+    old.value = "\n".join([text[0], *(pad + t for t in text[1:]), *rest])
 
 
 def _dump(rt, doc) -> str:

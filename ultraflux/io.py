@@ -6,9 +6,14 @@ writers that need a path, files or directories) and :func:`atomic_write_bytes` /
 ``mkdtemp`` folder beside the target, so concurrent writers (threads or processes) never share a temporary name.
 
 Hashes: sha256 hex digests of bytes, text (UTF-8), a file (streamed) and a JSON-able object (sorted keys).
+
+Failures a stage reports as one line (``ultraflux.stage.run_stage`` prints them without a traceback and exits 1):
+:class:`StageFailure`, and :class:`DiskFullError` for ENOSPC, which :func:`naming_disk_full` raises in place of the
+writer's own error (torch's ``unexpected pos``, SQLite's ``database or disk is full``), naming the path.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -73,3 +78,60 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return sha256_text(json.dumps(obj, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------------------------------------- failures
+class StageFailure(RuntimeError):
+    """An expected failure whose message says everything (what, where, what to do): printed as one line."""
+
+
+class DiskFullError(StageFailure):
+    """ENOSPC while writing ``path`` (``what`` says which output)."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = Path(path)
+        try:
+            free = f"{shutil.disk_usage(_existing(self.path)).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(f"ENOSPC (no space left on device) writing {what} at {self.path} ({free}); nothing "
+                         "half-written was kept: free space there and re-run")
+
+
+_DISK_FULL_TEXT = ("no space left on device", "database or disk is full", "os error 28", "disk quota exceeded")
+
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Did ``exc`` (or an exception it chains) come from a full disk? errno ENOSPC/EDQUOT, the texts of SQLite and
+    Rust, or torch's zip writer (``unexpected pos``: it drops the errno) failing on a filesystem with < 1 MiB free."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(t in text for t in _DISK_FULL_TEXT):
+            return True
+        if path is not None and ("unexpected pos" in text or "pytorchstreamwriter" in text):
+            try:
+                return shutil.disk_usage(_existing(Path(path))).free < (1 << 20)
+            except OSError:
+                return False
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextmanager
+def naming_disk_full(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
+    """Re-raise a full-disk failure inside the block as one :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e, path):
+            raise DiskFullError(path, what) from e
+        raise
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (what ``shutil.disk_usage`` can ask about)."""
+    return next(p for p in (path, *path.parents) if p.exists())

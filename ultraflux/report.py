@@ -24,12 +24,14 @@ from typing import Any
 
 from ultraflux.io import atomic_path
 
-STAGES = ["curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"]
+STAGES = ["download", "curate", "vae", "diagnostics", "dit_stage1", "dit_stage2", "sample", "evaluate", "judge", "report"]
 THUMB = 384          # px, long side of an embedded sample / example thumbnail
 CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}"
        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}th{background:#f3f3f3}"
        "figure{display:inline-block;margin:4px;vertical-align:top}"
-       "figcaption{font-size:12px;color:#333;max-width:400px}h2{border-bottom:1px solid #ddd;padding-top:.6em}.muted{color:#777}")
+       "figcaption{font-size:12px;color:#333;max-width:400px}h2{border-bottom:1px solid #ddd;padding-top:.6em}.muted{color:#777}"
+       ".scroll{overflow-x:auto;max-width:100%}.warn{background:#fff4d6;border-left:4px solid #e0a800;padding:6px 10px}")
+FEW_IMAGES = 5       # a metric over fewer images than this gets a warning: too few to compare runs by
 
 
 # ----------------------------------------------------------------------------------------------- html helpers
@@ -47,11 +49,34 @@ def _table(rows: list[dict]) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{_esc(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _kv(d: dict) -> str:
-    return _table([{"key": k, "value": v} for k, v in d.items()])
+    return _table([{"key": k, "value": v} for k, v in d.items() if v is not None])
+
+
+def _few(count, what: str) -> str:
+    """A warning when a metric rests on fewer than FEW_IMAGES images."""
+    if isinstance(count, int) and count < FEW_IMAGES:
+        return (f"<p class='warn'>{_esc(what)} rest on {count} image"
+                f"{'' if count == 1 else 's'}: too few to compare runs by (more held-out images: data.source, "
+                f"curate.holdout_fraction).</p>")
+    return ""
+
+
+def _expectations(params: dict) -> str:
+    """What the run can show: the embedded profile's tiny random-init models produce no recognisable images."""
+    model = params["model"]
+    if model["pretrained"] or model["vae_pretrained"]:
+        return ""
+    return ("<p class='warn'><b>Embedded CPU profile.</b> The transformer and the VAE are tiny random-initialised "
+            f"models trained for {params['vae_train']['steps']} (VAE) and {params['dit_stage1']['steps']} + "
+            f"{params['dit_stage2']['steps']} (DiT) steps on a few generated images. Expect the samples to look like "
+            "coloured noise and the VAE reconstructions like blurred grey patches: that is what models of this size "
+            "and training produce, not a fault. The run shows that every stage works end to end and that its "
+            "numbers are reproducible; for images, point model.pretrained / model.vae_pretrained at local weights "
+            "and apply configs/paper-4k.yaml (README).</p>")
 
 
 def _data_uri(image, fmt: str = "JPEG", long_side: int | None = THUMB) -> str:
@@ -86,7 +111,7 @@ def _plot(draw, width: float = 6.0, height: float = 3.6) -> str:
     draw(ax)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")   # legends sit beside the axes, not over the data
     plt.close(fig)
     buf.seek(0)
     return _figure(Image.open(buf), fmt="PNG", long_side=None)
@@ -155,7 +180,7 @@ def _curves(outputs: Path) -> str:
                 ok = df["holdout_psnr"].notna()
                 ax2.plot(df.loc[ok, "step"], df.loc[ok, "holdout_psnr"], "o-", color="C1", label="held-out PSNR")
                 ax2.set_ylabel("PSNR (dB)")
-            ax.legend(loc="upper right", fontsize=8)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1), fontsize=8)
         parts.append(_plot(draw_vae))
     for stage in ("dit_stage1", "dit_stage2"):
         loss, val = outputs / stage / "loss.csv", outputs / stage / "val_loss.csv"
@@ -166,7 +191,7 @@ def _curves(outputs: Path) -> str:
                 ax.plot(df["step"], df["loss"], alpha=0.35, label="per step")
                 ax.plot(df["step"], df["loss"].rolling(max(1, len(df) // 20), min_periods=1).mean(), label="smoothed")
                 ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.set_title(f"{stage}: training loss")
-                ax.legend(fontsize=8)
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
             parts.append(_plot(draw_loss))
         if val.is_file():
             dv = pd.read_csv(val)
@@ -178,16 +203,27 @@ def _curves(outputs: Path) -> str:
                     ax.plot(dv["step"], dv["val_loss"], "k-o", lw=2, label="mean")
                 ax.set_xlabel("step"), ax.set_ylabel("validation loss"), ax.set_yscale("log")
                 ax.set_title(f"{stage}: held-out loss at fixed sigmas and noise")
-                ax.legend(fontsize=6, ncol=2)
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=6)
             parts.append(_plot(draw_val))
     return "".join(parts) or "<p class='muted'>not run</p>"
+
+
+def _download(results: dict) -> str:
+    down = results.get("download") or {}
+    if not down.get("source_is_metadata"):
+        return "<p class='muted'>data.source is not the released metadata: nothing downloaded</p>"
+    return ("<p>One row per URL in outputs/download/status.parquet; skipped files and records in problems.jsonl. "
+            "Curation below uses scorers named released:&lt;field&gt; when curate.*.source is released, and "
+            "compares the released flatness / entropy with its own (released_*_max_abs_delta, _verdict_flips).</p>"
+            + _kv({k: v for k, v in down.items() if not isinstance(v, dict)}))
 
 
 def _curation(results: dict, outputs: Path) -> str:
     cur = results.get("curate") or {}
     if not cur:
         return "<p class='muted'>not run</p>"
-    counts = {k: v for k, v in cur.items() if k.startswith(("num_", "rejected_")) and isinstance(v, (int, float))}
+    counts = {k: v for k, v in cur.items()
+              if k.startswith(("num_", "rejected_", "released_")) and isinstance(v, (int, float))}
     parts = [_kv({"quality scorer": cur.get("quality_scorer"), "aesthetic scorer": cur.get("aesthetic_scorer"),
                   **counts})]
     manifest_path = outputs / "curated" / "manifest.parquet"
@@ -201,6 +237,8 @@ def _curation(results: dict, outputs: Path) -> str:
             for it in g["items"]:
                 scores = ", ".join(f"{k} {_fmt(v)}" for k, v in it["scores"].items())
                 caption = f"{_esc(it['source'])}<br>{_esc(scores)}"
+                if it.get("credit"):  # attribution of a released (Pexels / Unsplash) image
+                    caption += f"<br>{_esc(it['credit'])}"
                 if it["image"] is not None:
                     parts.append(_figure(it["image"], caption, long_side=256))
                 else:
@@ -213,7 +251,7 @@ def _curation(results: dict, outputs: Path) -> str:
 
 def _vae(results: dict, outputs: Path) -> str:
     vae = (results.get("evaluate") or {}).get("vae") or {}
-    parts = [_table([{"model": "this run's F16 VAE", **vae}]),
+    parts = [_table([{"model": "this run's F16 VAE", **vae}]), _few(vae.get("num_images"), "These metrics"),
              "<p>Paper (Aesthetic-4K@4096, seed Table 2): UltraFlux-F16-VAE rFID 0.547, NMSE 0.00657, PSNR 30.70, "
              "SSIM 0.852, LPIPS 0.102.</p>"]
     for png in sorted((outputs / "evaluate" / "recon").glob("*.png")):
@@ -248,7 +286,8 @@ def _generation(results: dict) -> str:
         if missing:
             row["not computed (no local weights)"] = ", ".join(missing)
         rows.append(row)
-    return _table(rows)
+    few = min((m.get("num_images") for m in gen.values() if isinstance(m.get("num_images"), int)), default=None)
+    return _table(rows) + _few(few, "Each aspect ratio's metrics")
 
 
 def _diagnostics(results: dict, outputs: Path) -> str:
@@ -266,9 +305,10 @@ def write_report(params: dict, metrics_dir: Path, outputs: Path, out_path: Path,
     headline = [{"metric": f"{s}.{k}", "value": v} for s in STAGES for k, v in _flatten(metrics[s]).items()]
     judge = results.get("judge") or {}
     sections = [
-        ("What this run is", _header(params)),
+        ("What this run is", _expectations(params) + _header(params)),
         ("Headline numbers (the DVC metrics)", _table(headline)),
         ("Training curves", _curves(outputs)),
+        ("Download of the released metadata (MultiAspect-4K-1M)", _download(results)),
         ("Curation (seed Sec. 2.1)", _curation(results, outputs)),
         ("VAE reconstruction (seed Table 2 columns)", _vae(results, outputs)),
         ("Samples (stage-2 model; fixed prompts and seeds)", _samples(params, outputs)),

@@ -16,14 +16,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from ultraflux import distributed
 from ultraflux.data.buckets import bucket_table
 from ultraflux.io import atomic_path
 
-SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload")   # ``sample`` keys a command line may override
+SAMPLE_OVERRIDES = ("vae_tiling", "vae_decode", "offload", "memory", "rope_from")  # keys a command may override
+
+
+def trained_transformer(stage_dir: str | Path, weights: str) -> Path:
+    """A DiT stage's trained (``raw``) or averaged (``ema``: ``transformer/ema``) weights, per ``sample.weights``."""
+    path = Path(stage_dir) / "transformer"
+    return path / "ema" if weights == "ema" else path
+
+
+def ema_problems(params: dict) -> list[str]:
+    """For ``run_stage(checks=...)``: ``sample.weights: ema`` needs the EMA weights of both DiT stages on disk."""
+    if params["sample"]["weights"] != "ema":
+        return []
+    return [f"sample.weights is ema but {path} is missing (set {stage}.ema and re-run {stage})"
+            for stage in ("dit_stage2", "dit_stage1")
+            if not (path := trained_transformer(Path("outputs") / stage, "ema") / "config.json").is_file()]
 
 
 def image_size(params: dict, aspect: str) -> tuple[int, int]:
@@ -53,6 +67,8 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 4) 
 
 def generate(pipe, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int,
              progress: bool = False) -> Image.Image:
+    import torch
+
     pipe.set_progress_bar_config(disable=not progress)
     gen = torch.Generator().manual_seed(seed)
     max_len = pipe.tokenizer_2.model_max_length if pipe.tokenizer_2.model_max_length < 10_000 else 512

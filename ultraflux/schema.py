@@ -5,7 +5,7 @@ on with a default while the user believes the experiment changed something), val
 integer, ``"maybe"`` is not a boolean, 5.0 is not a step count), and cross-key rules sit next to their section.
 ``ultraflux.config.validate`` turns pydantic's errors into messages that name the file and the full key.
 
-Seed = the UltraFlux supplement (``../shared/seed``). Ranges marked "seed" come from it; the others are what the code
+Seed = the supplementary material of the UltraFlux paper (Ye, Fei, Zhu; CVPR 2026; arXiv:2511.18050). Ranges marked "seed" come from it; the others are what the code
 can run with.
 """
 from __future__ import annotations
@@ -27,6 +27,19 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]          # (0, 1]
 Path = str                                              # "" = not set; existence is checked separately
 TimestepIndex = Annotated[int, Field(ge=0, le=999)]     # seed Table 3: timestep ranges within 0-999
+LearningRate = Annotated[float, Field(gt=0, le=1)]      # (0, 1]: seed Table 3 uses 1e-6 (DiT) and 1e-4 (VAE)
+MAX_STEPS = 1_000_000   # ~33x the seed's longest run (stage 1, ~30K steps, Sec. 2.2): a larger value is a typo
+
+
+def _bounded_steps(value: int) -> int:
+    if value > MAX_STEPS:
+        raise ValueError(f"must be at most {MAX_STEPS:,} (got {value:,}): the UltraFlux paper's longest stage is "
+                         "~30K steps (supplement, Sec. 2.2) and a million steps is months of 8-GPU time at its scale, "
+                         "so this is taken for a typo")
+    return value
+
+
+Steps = Annotated[int, Field(ge=1), AfterValidator(_bounded_steps)]
 
 
 def _has_text(value: str) -> str:
@@ -54,19 +67,63 @@ class Synthetic(Section):
     long_side: Annotated[int, Field(ge=64)]
 
 
+class MetadataFields(Section):                           # record keys of the released metadata ("" = auto-detect)
+    url: str
+    caption: str
+    caption_zh: str
+    quality: str
+    aesthetic: str
+    flatness: str
+    entropy: str
+    tag: str
+    work_url: str
+    photographer: str
+    photographer_url: str
+
+
+class Metadata(Section):                                 # the released MultiAspect-4K-1M metadata as a source
+    max_records: NonNegInt                               # 0 = all
+    balance_aspects: bool
+    fields: MetadataFields
+
+
 class Data(Section):
     variant: Literal["multiaspect", "baseline"]          # seed Table 1: MultiAspect-4K vs the Diffusion-4K recipe
     source: Path
     synthetic: Synthetic
+    metadata: Metadata
+
+
+class Download(Section):                                 # the download stage (released URLs -> original bytes)
+    engine: Literal["local", "ray"]
+    engine_workers: PosInt
+    workers: Annotated[int, Field(ge=1, le=1024)]
+    per_host: Annotated[int, Field(ge=1, le=1024)]
+    timeout_s: PosFloat
+    retries: Annotated[int, Field(ge=0, le=20)]
+    backoff_s: NonNegFloat
+    max_backoff_s: NonNegFloat
+    max_mb: PosFloat
+    max_redirects: Annotated[int, Field(ge=0, le=30)]
+    retry_transient: bool
+    allow_private_addresses: bool
+    user_agent: Text
+    shard_max_mb: PosInt
+    cache_dir: Text
+
+    @model_validator(mode="after")
+    def _backoff(self):
+        return _ordered(self, "backoff_s", "max_backoff_s")
 
 
 class Flat(Section):                                     # seed Sec. 2.1 "Flat-region detection"
-    patch: Annotated[int, Field(ge=8)]                   # 240
-    threshold: PosFloat                                  # 800
-    max_fraction: Fraction                               # 0.5
+    patch: Annotated[int, Field(ge=8)] = 240
+    threshold: PosFloat = 800.0
+    max_fraction: Fraction = 0.5
 
 
 class Quality(Section):                                  # seed Sec. 2.1 "Image Quality Filtering" (Q-Align > 4.0)
+    source: Literal["computed", "released"]              # released: the metadata's Q-Align scores (data/released.py)
     weights: Path
     threshold: Annotated[float, Field(ge=1, le=5)]       # Q-Align's 1-5 scale
     standin_keep_fraction: Fraction
@@ -74,6 +131,7 @@ class Quality(Section):                                  # seed Sec. 2.1 "Image 
 
 
 class Aesthetic(Section):                                # seed Sec. 2.1 (ArtiMuse top 30%), Table 3 (stage 2: top 5%)
+    source: Literal["computed", "released"]              # released: the metadata's ArtiMuse scores
     weights: Path
     code_dir: Path                                       # a checkout of the ArtiMuse repository (its scoring code)
     keep_top: Fraction
@@ -100,8 +158,8 @@ def _ordered(section: BaseModel, low: str, high: str) -> BaseModel:
 
 
 class Buckets(Section):                                  # seed Sec. 2.2 "bucketed resolution scheme"
-    scale: PosFloat                                      # 1.0 = the 4K table
-    aspects: Annotated[list[Aspect], Field(min_length=1)]
+    scale: PosFloat = 1.0                                # 1.0 = the 4K table
+    aspects: Annotated[list[Aspect], Field(min_length=1)] = list(ASPECTS)
 
     @model_validator(mode="after")
     def _unique(self):
@@ -113,14 +171,15 @@ class Buckets(Section):                                  # seed Sec. 2.2 "bucket
 class Curate(Section):
     engine: Literal["local", "ray"]
     workers: NonNegInt                                   # 0 = every core
-    gray: Literal["luma", "opencv"]                      # luma: JPEG's own Y plane (fast); opencv: the public tool
-    flat: Flat
-    entropy_min: Annotated[float, Field(gt=0, le=8)]     # seed Sec. 2.1: 7.0 bits; 8-bit gray has at most 8
+    # Defaults below (the seed's values) are what `ultraflux curate-stats` applies outside a repository.
+    gray: Literal["luma", "opencv"] = "opencv"           # opencv: the public tool, bit-exact; luma: JPEG's Y (fast)
+    flat: Flat = Field(default_factory=Flat)
+    entropy_min: Annotated[float, Field(ge=0, le=8)] = 7.0   # seed Sec. 2.1: 7.0 bits (8-bit gray: <= 8); 0 = off
     quality: Quality
     aesthetic: Aesthetic
-    buckets: Buckets
-    max_upscale: Annotated[float, Field(ge=1)]
-    max_image_pixels: PosInt
+    buckets: Buckets = Field(default_factory=Buckets)
+    max_upscale: Annotated[float, Field(ge=1)] = 1.5
+    max_image_pixels: PosInt = 200_000_000
     cache_dir: Path
     holdout_fraction: Annotated[float, Field(ge=0, lt=1)]
     image_format: Literal["jpeg", "png"]                 # shard encoding: JPEG (image_quality) or lossless PNG
@@ -194,11 +253,11 @@ class Loss(Section):                                     # seed Table 3 "DiT obj
 
 
 class VaeTrain(Section):                                 # seed Sec. 2.2 "VAE Training", Table 3 "F16 VAE post-training"
-    steps: PosInt
+    steps: Steps
     resolution: Annotated[int, Field(ge=16, multiple_of=16)]   # 512 (F16: multiple of 16)
     batch_size: PosInt                                   # largest micro-batch per process
     global_batch: PosInt                                 # Table 3: 384 images per step
-    lr: PosFloat                                         # 1e-4 (Table 3; the text says 1e-5)
+    lr: LearningRate                                     # 1e-4 (Table 3; the text says 1e-5)
     weight_decay: NonNegFloat                            # 1e-2
     lambda_l2: NonNegFloat                               # (lambda_vae, lambda_perc, lambda_L2) = (0.2, 0.1, 1)
     lambda_perc: NonNegFloat
@@ -232,11 +291,25 @@ class Validation(Section):                               # DiT validation: MLPer
     guidance_scale: NonNegFloat
 
 
+class Ema(Section):   # not in the seed (Sec. 2.2 trains the DiT end-to-end without one): EMA of the trained weights
+    decay: Annotated[float, Field(gt=0, lt=1)]           # ema <- decay * ema + (1 - decay) * weights
+    every: PosInt                                        # training steps between updates
+    start: NonNegInt                                     # first update after this step (copies the weights)
+    use_for_validation: bool                             # validation loss and samples with the EMA weights
+
+
+class Lora(Section):  # not in the seed (Sec. 2.2 updates all DiT blocks end-to-end): PEFT LoRA of the DiT
+    rank: PosInt
+    alpha: PosFloat                                      # scale alpha / rank
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    target_modules: Annotated[list[Text], Field(min_length=1)]   # module-name suffixes, e.g. to_q, to_k, to_v
+
+
 class DitStage(Section):                                 # seed Sec. 2.2 "DiT Training", Table 3 curriculum
-    steps: PosInt
+    steps: Steps
     batch_size: PosInt                                   # largest micro-batch per process
     global_batch: PosInt                                 # Sec. 2.2: effective batch 64
-    lr: PosFloat                                         # 1e-6
+    lr: LearningRate                                     # 1e-6
     weight_decay: NonNegFloat
     t_min: TimestepIndex                                 # stage 1: 0-999, stage 2: 0-459
     t_max: TimestepIndex
@@ -247,6 +320,8 @@ class DitStage(Section):                                 # seed Sec. 2.2 "DiT Tr
     max_grad_norm: Optional[NonNegFloat]
     gradient_checkpointing: Literal["auto", True, False]   # auto = on when CUDA is present
     val_every: PosInt                                    # steps between validation losses
+    ema: Optional[Ema] = None                            # null = no EMA (the seed's setting)
+    lora: Optional[Lora] = None                          # null = full fine-tune (the seed's setting)
 
     @model_validator(mode="after")
     def _range(self):
@@ -265,6 +340,17 @@ class Sample(Section):
     vae_decode: Literal["auto", "plain", "partitioned"]  # partitioned = the public release's decode
     offload: Literal["none", "model", "sequential"]      # diffusers' CPU offload (GPU only)
     dtype: Literal["auto", "float32", "bfloat16"]
+    rope_from: Literal["weights", "params"]              # RoPE of trained weights (ultraflux.json) or rope.* as written
+    max_pixels: PosInt                                   # bound on a generated image's w x h (4096^2: seed Table 5)
+    weights: Literal["raw", "ema"]                       # trained or EMA weights (ema needs dit_stage*.ema)
+    memory: Literal["none", "fp8", "group", "group_fp8"]  # transformer low-VRAM mode (pipelines/memory.py)
+
+    @model_validator(mode="after")
+    def _one_offload(self):
+        if self.memory.startswith("group") and self.offload != "none":
+            raise ValueError(f"memory {self.memory!r} offloads the transformer itself: set offload to none "
+                             f"(got {self.offload!r})")
+        return self
 
 
 class Evaluate(Section):
@@ -273,7 +359,15 @@ class Evaluate(Section):
     lpips_weights: Path
     hpsv3_weights: Path
     artimuse_weights: Path
+    artimuse_code_dir: Path                              # the src/ folder of an ArtiMuse checkout (its scoring code)
     qalign_weights: Path
+
+    @model_validator(mode="after")
+    def _artimuse_needs_its_code(self):
+        if self.artimuse_weights and not self.artimuse_code_dir:
+            raise ValueError("evaluate.artimuse_code_dir must name the src/ folder of an ArtiMuse checkout when "
+                             "evaluate.artimuse_weights is set (its InternVLChatModel.score is the published interface)")
+        return self
 
 
 class Backoff(Section):
@@ -343,6 +437,7 @@ class Params(Section):
     tracking: Tracking
     launch: Launch
     data: Data
+    download: Download
     curate: Curate
     model: Model
     rope: Rope

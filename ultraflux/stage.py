@@ -4,7 +4,9 @@
 
 1. validates the whole params file against the schema (``ultraflux.config``) and checks that the stage's declared
    outputs (dvc.yaml) are writable, all BEFORE any work; problems are printed together and the stage exits with 2;
-2. runs ``fn(params, logger)`` inside the stage's MLflow child run;
+2. runs ``fn(params, logger)`` inside the stage's MLflow child run; an expected failure (``ultraflux.io.StageFailure``:
+   a diverged run, a full disk, checkpoints of another world size) is printed as one line, the run ends FAILED with
+   the reason as its ``ultraflux.error`` tag, nothing is written below and the stage exits with 1;
 3. writes what ``fn`` returned: all of it to ``outputs/results/<stage>.json`` (and to MLflow: numbers as metrics,
    strings as tags), and only the stage's few headline numbers (``HEADLINE``) to ``metrics/<stage>.json``, the DVC
    metrics file, so ``dvc exp show`` stays a few dozen readable numeric columns. The headline numbers also go onto
@@ -22,11 +24,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ultraflux.config import ParamsError, get, load_validated, parse_yaml
-from ultraflux.io import sha256_file, write_json
+from ultraflux.io import StageFailure, sha256_file, write_json
 from ultraflux.quiet import quiet_third_party
 from ultraflux.tracking import NullLogger, flatten, stage_run
 
 STAGE_PARAMS: dict[str, list[str]] = {
+    "params": ["*"],   # validates the whole file first, so that a bad edit stops DVC before it deletes any output
+    "download": ["data", "download"],
     "curate": ["seed", "data", "curate"],
     "vae": ["seed", "model", "vae_train"],
     "diagnostics": ["model", "rope", "diagnostics"],
@@ -39,6 +43,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
 }
 # The DVC metrics of each stage (dotted keys into what the stage returns): the numbers worth a column.
 HEADLINE: dict[str, list[str]] = {
+    "download": ["num_urls", "num_ok", "ok_fraction"],
     "curate": ["num_sources", "num_kept", "num_train", "num_holdout", "num_stage2", "kept_fraction"],
     "vae": ["final_loss", "holdout_psnr", "holdout_ssim"],
     "diagnostics": ["fig3_energy_share_LL", "fig1_max_closure_err_resonance"],
@@ -105,6 +110,21 @@ def headline(stage: str, result: dict) -> dict:
     return out
 
 
+def check_params_stage(params_path: str = "params.yaml") -> None:
+    """The ``params`` stage (dvc.yaml's first): validate the whole file. DVC removes a stage's outputs just before
+    it runs that stage, so a typo must fail here, upstream of every other stage, or DVC would already have deleted
+    curate's outputs when curate's own check refused the file. Its output never changes while the file is valid,
+    so a valid edit re-runs only the stages whose own params changed."""
+    quiet_third_party()
+    try:
+        load_validated(params_path)
+    except ParamsError as e:
+        print(f"[params] {e}\n[params] nothing was run and no output was removed; fix the file and run again",
+              file=sys.stderr)
+        raise SystemExit(2)
+    write_json(RESULTS_DIR / "params.json", {"params": "valid"})
+
+
 def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str = "params.yaml",
               checks: Sequence[Callable[[dict], list[str]]] = ()) -> dict:
     """Validate, run ``fn(params, logger)`` inside the stage's MLflow run, write results and metrics (module doc).
@@ -121,6 +141,14 @@ def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str =
     except ParamsError as e:
         print(f"[{stage}] {e}", file=sys.stderr)
         raise SystemExit(2)
+    try:
+        return _run(stage, fn, params)
+    except StageFailure as e:
+        print(f"[{stage}] {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _run(stage: str, fn: Callable[[dict, object], dict], params: dict) -> dict:
     if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: only rank 0 tracks and writes results
         return fn(params, NullLogger()) or {}
     t0 = time.time()

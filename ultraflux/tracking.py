@@ -13,6 +13,10 @@ Parallel writers (``dvc exp run`` queue workers with ``-j 2``, several stages at
 or upgraded once, under a file lock (:func:`ensure_store`), in WAL mode. A run left RUNNING by a killed process (same
 host, process gone) is marked KILLED the next time a stage starts. Each stage also logs its headline numbers onto
 the parent run (``<stage>.<metric>``), so MLflow's Compare view of pipeline executions shows them side by side.
+
+A full disk: a new store is created and migrated in a temporary file beside ``mlflow.db`` and renamed into place, so a
+failed creation leaves no half-migrated database; ENOSPC while creating or writing the store is one ``DiskFullError``
+naming its path. A stage whose work fails ends its run FAILED with the reason as the ``ultraflux.error`` tag.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from typing import Any, Iterator
 import psutil
 from filelock import FileLock
 
+from ultraflux.io import DiskFullError, atomic_path, naming_disk_full
+
+ERROR_TAG = "ultraflux.error"   # why a stage run ended FAILED
 EXECUTION_TAG = "ultraflux.execution"
 STAGE_TAG = "ultraflux.stage"
 ROLE_TAG = "ultraflux.role"  # "parent" (one pipeline execution) | "stage"
@@ -59,13 +66,30 @@ def ensure_store(uri: str | None = None) -> str:
     uri = uri or tracking_uri()
     if not uri.startswith("sqlite:///"):
         return uri
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{db}.lock", timeout=600):
-        MlflowClient(uri).search_experiments(max_results=1)   # creates or migrates the tables
-        with sqlite3.connect(db, timeout=60) as con:
-            con.execute("PRAGMA journal_mode=WAL")
+    db = store_path(uri)
+    with naming_disk_full(db, "the MLflow store"):
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{db}.lock", timeout=600):
+            if not db.exists():
+                _create_store(db)
+            MlflowClient(uri).search_experiments(max_results=1)   # migrates the tables of an older store
+            with sqlite3.connect(db, timeout=60) as con:
+                con.execute("PRAGMA journal_mode=WAL")
     return uri
+
+
+def store_path(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` tracking URI."""
+    return Path(uri[len("sqlite:///"):])
+
+
+def _create_store(db: Path) -> None:
+    """A fresh, fully migrated store at ``db``: built in a temporary beside it, then renamed (never half-made)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with atomic_path(db) as tmp:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", (db.parent / "mlartifacts").as_uri())
+        store.engine.dispose()   # rollback-journal mode: everything is in the file before the rename
 
 
 def git_commit() -> str:
@@ -240,10 +264,35 @@ def mark_killed(client, exp_id: str) -> list[str]:
 @contextmanager
 def stage_run(stage: str, params: dict, stage_params: dict | None = None) -> Iterator[StageLogger]:
     """Open the child run of ``stage`` under this execution's parent run; closes both with the right status."""
+    uri = ensure_store()
+    with _naming_full_store(uri):
+        with _open_stage_run(uri, stage, params, stage_params) as logger:
+            yield logger
+
+
+@contextmanager
+def _naming_full_store(uri: str) -> Iterator[None]:
+    """SQLite's "database or disk is full" anywhere in the block -> one ``DiskFullError`` naming the store."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        chain, seen = [], e
+        while seen is not None and len(chain) < 10:
+            chain.append(str(seen).lower())
+            seen = seen.__cause__ or seen.__context__
+        if any("database or disk is full" in text for text in chain):
+            raise DiskFullError(store_path(uri) if uri.startswith("sqlite:///") else uri, "the MLflow store") from e
+        raise
+
+
+@contextmanager
+def _open_stage_run(uri: str, stage: str, params: dict, stage_params: dict | None) -> Iterator[StageLogger]:
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    client = MlflowClient(ensure_store())
+    client = MlflowClient(uri)
     exp_id = experiment_id(client, params.get("tracking", {}).get("experiment", "ultraflux"))
     mark_killed(client, exp_id)
     key = execution_key()
@@ -265,11 +314,23 @@ def stage_run(stage: str, params: dict, stage_params: dict | None = None) -> Ite
     if stage_params:
         logger.log_params(stage_params)
     t0 = time.time()
-    status = "FAILED"
     try:
         yield logger
-        status = "FINISHED"
-    finally:
-        logger.log_metrics({"wall_time_s": time.time() - t0})
-        client.set_terminated(child.info.run_id, status=status)
-        client.set_terminated(parent_id, status=status)
+    except BaseException as e:
+        _close(client, child.info.run_id, parent_id, "FAILED", time.time() - t0, f"{type(e).__name__}: {e}")
+        raise
+    _close(client, child.info.run_id, parent_id, "FINISHED", time.time() - t0)
+
+
+def _close(client, run_id: str, parent_id: str, status: str, wall_s: float, error: str | None = None) -> None:
+    """End the stage run and its parent; on a failure the original error wins over one while recording it."""
+    calls = [lambda: client.set_tag(run_id, ERROR_TAG, error[:5000])] if error else []
+    calls += [lambda: StageLogger(client, run_id).log_metrics({"wall_time_s": wall_s}),
+              lambda: client.set_terminated(run_id, status=status),
+              lambda: client.set_terminated(parent_id, status=status)]
+    for call in calls:
+        try:
+            call()
+        except Exception:
+            if not error:
+                raise

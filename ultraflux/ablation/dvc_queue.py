@@ -135,10 +135,11 @@ def prepare_names(repo: Path, names: list[str], baseline: str) -> None:
 
 
 def queue_cells(repo: Path, letters: Iterable[str], suffix: str, common: list[str],
-                per_cell: dict[str, list[str]]) -> dict[str, str]:
-    """Queue one experiment per cell; returns {letter: short task id}."""
+                per_cell: dict[str, list[str]], ids: dict[str, str] | None = None) -> dict[str, str]:
+    """Queue one experiment per cell; returns {letter: short task id}, filled into ``ids`` as the cells are queued
+    (a stop half-way then knows which cells are in the queue)."""
     before = set(queue_status(repo))
-    ids: dict[str, str] = {}
+    ids = {} if ids is None else ids
     for L in letters:
         sets = [*cell_sets(L), *common, *per_cell.get(L, [])]
         args = ["exp", "run", "--queue", "-n", exp_name(L, suffix)]
@@ -174,6 +175,26 @@ def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int
         if time.time() - t0 > timeout:
             return states
         time.sleep(poll)
+
+
+def stop_all(repo: Path, ids: dict[str, str], settle: float = 60.0, poll: float = 1.0) -> dict[str, str]:
+    """Stop the grid: remove our queued tasks, kill our running ones, stop DVC's queue workers (``dvc queue stop
+    --kill``), and wait up to ``settle`` seconds until no worker is left. Returns each cell's last queue state."""
+    states = {L: queue_status(repo).get(t, ("", "missing"))[1] for L, t in ids.items()}
+    for L, t in ids.items():
+        if states[L] == "Queued":
+            _dvc(["queue", "remove", t], repo, check=False)
+    running = [t for L, t in ids.items() if states[L] == "Running"]
+    if running:
+        _dvc(["queue", "kill", "--force", *running], repo, check=False)
+    _dvc(["queue", "stop", "--kill"], repo, check=False)
+    t0 = time.time()
+    while time.time() - t0 < settle:
+        st, workers = read_queue_status(repo)
+        if workers <= 0 and not any(st.get(t, ("", ""))[1] == "Running" for t in ids.values()):
+            break
+        time.sleep(poll)
+    return states
 
 
 def failure_reason(repo: Path, task: str) -> tuple[str, str]:
@@ -222,8 +243,9 @@ def val_curves(repo: Path, rev: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def collect(repo: Path, ids: dict[str, str], states: dict[str, str], suffix: str, baseline: str,
-            out_dir: Path) -> dict[str, dict]:
-    """Everything the summary needs, per cell, from ``dvc exp show --json`` and ``dvc queue logs``."""
+            out_dir: Path, unfinished_reason: str | None = None) -> dict[str, dict]:
+    """Everything the summary needs, per cell, from ``dvc exp show --json`` and ``dvc queue logs``.
+    ``unfinished_reason``: the grid was stopped (SIGINT/SIGTERM): cells still queued or running are ``interrupted``."""
     exps = experiments(exp_show(repo), baseline)
     results: dict[str, dict] = {}
     for L, task in ids.items():
@@ -244,6 +266,8 @@ def collect(repo: Path, ids: dict[str, str], states: dict[str, str], suffix: str
             (out_dir / "logs").mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "logs" / f"{name}.log", log_text)
             res.update(status="failed", reason=reason)
+        elif state in ("Queued", "Running") and unfinished_reason:
+            res.update(status="interrupted", reason=f"{state.lower()} when {unfinished_reason}")
         elif state in ("Queued", "Running"):
             res.update(status="timed out", reason=f"still {state.lower()} when --timeout passed; killed")
         else:

@@ -17,6 +17,19 @@ from ultraflux.codesign import ABLATION_TAG, CELLS, PREFIX
 from ultraflux.ablation.table import _num
 
 
+def _parent_of(client, exp_id: str, name: str, commit: str, t_start: float):
+    """The parent run of a cell: the one its stages opened during this invocation; else (every stage restored from
+    the run cache) the latest parent of the same experiment name on the same commit, which is reused so that a re-run
+    adds no empty parents; None when there is neither."""
+    base = f"tags.dvc_exp_name = '{name}' and tags.`{tracking.ROLE_TAG}` = 'parent'"
+    for extra in (f" and attributes.start_time >= {int(t_start * 1000)}", f" and tags.git_commit = '{commit}'"):
+        found = client.search_runs([exp_id], filter_string=base + extra, order_by=["attributes.start_time DESC"],
+                                   max_results=1)
+        if found:
+            return found[0]
+    return None
+
+
 def log_to_mlflow(repo: Path, results: dict[str, dict], rows: list[dict], paths: dict[str, Path], t_start: float,
                   experiment: str, invocation: str) -> dict[str, str]:
     """Complete (or create) each cell's parent run and log the summary run; returns {letter: parent run id}."""
@@ -33,16 +46,15 @@ def log_to_mlflow(repo: Path, results: dict[str, dict], rows: list[dict], paths:
         L = row["variant"]
         res = results[L]
         name = res["exp_name"]
-        found = client.search_runs(
-            [exp_id], filter_string=f"tags.dvc_exp_name = '{name}' and tags.`{tracking.ROLE_TAG}` = 'parent' and "
-                                    f"attributes.start_time >= {int(t_start * 1000)}",
-            order_by=["attributes.start_time DESC"], max_results=1)
+        found = _parent_of(client, exp_id, name, res.get("git_commit", ""), t_start)
         tags = {"ablation": ABLATION_TAG, "variant": L, "dvc_exp_name": name, "git_commit": res.get("git_commit", ""),
                 "dvc_exp_rev": res.get("exp_rev", ""), "data.manifest_sha256": res.get("manifest_sha256", ""),
                 "ablation.status": res["status"], "ablation.reason": res.get("reason", "")[:4000],
                 "ablation.invocation": invocation, "data.variant": CELLS[L][0], "ablation.model": CELLS[L][1]}
         if found:
-            run_id = found[0].info.run_id
+            run_id = found.info.run_id
+            if res["status"] == "interrupted" and found.info.status == "RUNNING":
+                client.set_terminated(run_id, status="KILLED")
         else:
             run = client.create_run(exp_id, run_name=name, tags={tracking.ROLE_TAG: "parent", MLFLOW_RUN_NAME: name,
                                                                  "ultraflux.restored": "run-cache"

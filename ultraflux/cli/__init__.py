@@ -6,6 +6,9 @@ work is done by the library it calls). This file only dispatches.
   ultraflux judge A B ...       Gemini pairwise preference of two folders (cli/judge.py)
   ultraflux ablation ...        the 2x2 co-design ablation                (cli/ablation.py)
   ultraflux plan --gpus N ...   commands, batch layout, memory, wall time (cli/plan.py)
+  ultraflux exp show            experiments in a terminal-sized table     (cli/exp.py)
+  ultraflux credits             photographers of the curated images       (cli/credits.py)
+  ultraflux export DIR --out F  a transformer / VAE / LoRA as one BFL-layout file (cli/export.py)
   ultraflux profile apply F     rewrite params.yaml with a profile (e.g. configs/paper-4k.yaml)
   ultraflux params check        validate params.yaml and exit
 """
@@ -21,6 +24,9 @@ SUBCOMMANDS = {
     "judge": ("ultraflux.cli.judge", "main", "Gemini pairwise preference between two image folders"),
     "ablation": ("ultraflux.cli.ablation", "main", "run the 2x2 data-model co-design ablation (seed Table 1)"),
     "plan": ("ultraflux.cli.plan", "main", "what `dvc repro` runs on N GPUs: commands, batch layout, memory, time"),
+    "exp": ("ultraflux.cli.exp", "main", "compare DVC experiments in a terminal-sized table"),
+    "credits": ("ultraflux.cli.credits", "main", "write a credits file (photographers) from the curation manifest"),
+    "export": ("ultraflux.cli.export", "main", "a transformer / VAE / LoRA as one safetensors file for ComfyUI"),
     "profile": ("ultraflux.cli", "cli_profile", "apply a parameter profile, e.g. configs/paper-4k.yaml"),
     "params": ("ultraflux.cli", "cli_params", "validate params.yaml"),
 }

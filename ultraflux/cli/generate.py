@@ -12,7 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from ultraflux.pipelines.pipeline_ultraflux import DECODE_MODES, OFFLOAD_MODES, TILING_MODES
+from typing import get_args
+
+from ultraflux.schema import Sample
+
+
+def _choices(key: str) -> tuple[str, ...]:
+    """The values params.yaml's ``sample.<key>`` accepts (the schema's), without importing torch for ``--help``."""
+    return get_args(Sample.model_fields[key].annotation)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,40 +33,93 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--transformer", default="outputs/dit_stage2/transformer",
                     help="transformer directory (or a pipeline directory with transformer/)")
     ap.add_argument("--vae", default="outputs/vae/vae", help="VAE directory (or a pipeline directory with vae/)")
-    ap.add_argument("--vae-tiling", choices=TILING_MODES, default=None, help="default: sample.vae_tiling")
-    ap.add_argument("--vae-decode", choices=DECODE_MODES, default=None, help="default: sample.vae_decode")
-    ap.add_argument("--offload", choices=OFFLOAD_MODES, default=None, help="default: sample.offload")
+    ap.add_argument("--vae-tiling", choices=_choices("vae_tiling"), default=None, help="default: sample.vae_tiling")
+    ap.add_argument("--vae-decode", choices=_choices("vae_decode"), default=None, help="default: sample.vae_decode")
+    ap.add_argument("--offload", choices=_choices("offload"), default=None, help="default: sample.offload")
+    ap.add_argument("--rope-from", choices=_choices("rope_from"), default=None,
+                    help="default: sample.rope_from (weights = the RoPE saved beside trained weights)")
+    ap.add_argument("--memory", choices=_choices("memory"), default=None,
+                    help="default: sample.memory (fp8 weights / group offload; README: what runs at 4096^2)")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="image file; its extension picks the format (.png, .jpg, .webp ...)")
     return ap
 
 
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    from ultraflux.config import load_params
-    from ultraflux.data.buckets import bucket_table
-    from ultraflux.models.release import RopeMismatchError
-    from ultraflux.sampling import generate_file, parse_size
+def writable_formats() -> dict[str, str]:
+    """{".png": "PNG", ...}: the extensions Pillow can write here."""
+    from PIL import Image
 
-    params = load_params(args.params)
+    Image.init()
+    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def input_problems(args, params: dict) -> tuple[list[str], tuple[int, int] | None]:
+    """Every problem with the command line, found before any model loads; and the image size (w, h). Light imports
+    only (no torch) until the RoPE check, which reads the weights' json files."""
+    from ultraflux.data.buckets import bucket_table
+    from ultraflux.sampling import parse_size
+    from ultraflux.stage import unwritable
+
+    problems, size = [], None
+    if not args.prompt.strip():
+        problems.append("--prompt is empty: say what the image should show")
     if args.size:
         try:
-            w, h = parse_size(args.size)
+            size = parse_size(args.size)
         except ValueError as e:
-            raise SystemExit(f"--size: {e}")
+            problems.append(f"--size: {e}")
     else:
         table = bucket_table(params["curate"]["buckets"]["scale"])
         if args.aspect not in table:
-            raise SystemExit(f"--aspect {args.aspect!r} is not in the bucket table: {', '.join(table)}")
-        w, h = table[args.aspect]
+            problems.append(f"--aspect {args.aspect!r} is not in the bucket table: {', '.join(table)}")
+        else:
+            size = table[args.aspect]
+    limit = params["sample"]["max_pixels"]
+    if size and size[0] * size[1] > limit:
+        problems.append(f"--size {size[0]}x{size[1]} is {size[0] * size[1]:,} px, above sample.max_pixels = {limit:,} "
+                        f"({args.params}); raise that key to generate larger images on purpose")
+    if args.steps is not None and args.steps < 1:
+        problems.append(f"--steps must be at least 1 (got {args.steps})")
+    if args.guidance is not None and args.guidance < 0:
+        problems.append(f"--guidance must not be negative (got {args.guidance})")
+    out = Path(args.out)
+    formats = writable_formats()
+    if out.is_dir():
+        problems.append(f"--out {out}: is a folder; name the image file, e.g. {out / 'image.png'}")
+    elif out.suffix.lower() not in formats:
+        known = ", ".join(e for e in (".png", ".jpg", ".jpeg", ".webp", ".tif", ".bmp") if e in formats)
+        problems.append(f"--out {out}: unknown image extension {out.suffix or '(none)'!r}; use one of {known}")
+    problems += [f"--out {p}" for p in unwritable([str(out)])]
     for flag, p in (("--transformer", args.transformer), ("--vae", args.vae)):
         if not Path(p).is_dir():
-            raise SystemExit(f"{flag} {p}: not a model directory (run `dvc repro` first or pass {flag})")
-    overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload}
+            problems.append(f"{flag} {p}: not a model directory (run `dvc repro` first or pass {flag})")
+    if Path(args.transformer).is_dir() and not problems:
+        from ultraflux.models.transformer import RopeMismatchError, check_model_dir
+
+        try:
+            check_model_dir(args.transformer, params["rope"], args.rope_from or params["sample"]["rope_from"])
+        except RopeMismatchError as e:
+            problems.append(f"{args.params}: {e}")
+    return problems, size
+
+
+def main(argv: list[str]) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    from ultraflux.config import ParamsError, load_validated
+    from ultraflux.sampling import generate_file
+
     try:
-        info = generate_file(params, args.transformer, args.vae, args.prompt, args.out, w, h, seed=args.seed,
-                             steps=args.steps, guidance=args.guidance, overrides=overrides)
-    except RopeMismatchError as e:
-        raise SystemExit(f"{args.params}: {e}")
+        params = load_validated(args.params, check_paths=False)
+    except ParamsError as e:
+        ap.error(str(e))
+    problems, size = input_problems(args, params)
+    if problems:
+        ap.error("\n  ".join(problems))
+    w, h = size
+    overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload,
+                 "memory": args.memory, "rope_from": args.rope_from}
+    info = generate_file(params, args.transformer, args.vae, args.prompt, args.out, w, h, seed=args.seed,
+                         steps=args.steps, guidance=args.guidance, overrides=overrides)
     print(json.dumps(info))
     return 0

@@ -22,7 +22,12 @@ Outputs under ``out_dir``: ``manifest.parquet`` (one row per source path, reject
 :data:`MANIFEST_COLUMNS`; kept rows name ``shard``, ``key``, ``offset``, ``nbytes``), ``shards/train-*.tar`` and
 ``shards/holdout-*.tar``, ``plots/*.png``, ``metrics.json`` and, for the procedural set, ``source/``. The per-image
 cache lives under ``curate.cache_dir`` (outside DVC outputs) so an interrupted run resumes; a re-run with the same
-params and seed writes identical outputs.
+params and seed writes identical outputs. The cache dir may be shared (user folders, other pipelines, concurrent
+runs): its entries are marked and owned (:mod:`ultraflux.data.cache_entries`), and pruning removes only this
+pipeline's stale entries (the pipeline = the resolved output folder).
+
+A full disk while writing the shards or the manifest raises :class:`ultraflux.io.DiskFullError` naming the path; the
+outputs are then left without a manifest and without shards (never a partial set that looks complete).
 
 After the selection, :func:`check_minimums` stops the run (:class:`TooFewImages`, naming the key) when fewer than
 ``curate.min_train_images`` training or ``curate.min_holdout_images`` held-out images remain.
@@ -30,6 +35,7 @@ After the selection, :func:`check_minimums` stops the run (:class:`TooFewImages`
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -41,13 +47,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ultraflux.io import atomic_path, write_json
+from ultraflux.config import typed
+from ultraflux.io import DiskFullError, atomic_path, naming_disk_full, write_json
+from ultraflux.schema import Curate, Params
 
-from . import process, scorers, synthetic
-from .buckets import DEFAULT_ASPECTS, bucket_table
-from .decode import DEFAULT_MAX_PIXELS, BadImage, dct_reduction, decode_rgb, read_header
+from . import metadata, process, released, scorers, synthetic
+from .advice import relax_advice
+from .buckets import bucket_table
+from .cache_entries import CacheEntries
+from .decode import BadImage, dct_reduction, decode_rgb, read_header
 from .engines import run_engine
 from .ingest import SourceError, list_sources
+from .rule import needs_too_much_upscale, texture_reason, texture_reasons
 from .select import assign_reasons, assign_split, assign_texture_rank, stage2_from_train
 from .shards import ShardWriter
 
@@ -57,12 +68,11 @@ MANIFEST_COLUMNS = {
     "aesthetic": float, "aesthetic_scorer": str, "bucket": str, "width": "int64", "height": "int64", "kept": bool,
     "reason": str, "stage2": bool, "split": str, "shard": str, "key": str, "offset": "int64", "nbytes": "int64",
     "texture_rank": float, "num_patches": "int64", "upscale": float, "variant": str,
+    **released.RELEASED_COLUMNS,  # released scores and attribution (data/released.py); NaN / "" for other sources
 }
 """Manifest schema. A kept row's image is ``nbytes`` bytes at ``offset`` of ``shard`` (member ``<key>.jpg|png``);
 read it with :func:`ultraflux.data.shards.open_image`. Rejected rows have ``shard == ""``."""
 
-SEED_DEFAULTS = {"flat": {"patch": 240, "threshold": 800.0, "max_fraction": 0.5}, "entropy_min": 7.0}
-"""Seed Sec. 2.1 thresholds, used when params.yaml does not give them."""
 REJECT_KEYS = ("unreadable", "decompression_bomb", "duplicate", "no_caption", "bad_caption", "too_small", "flat",
                "low_entropy", "low_quality", "low_aesthetic", "failed")
 LEARNED_MIN_SIDE = 2048
@@ -75,45 +85,48 @@ class TooFewImages(RuntimeError):
     """Curation left fewer images than ``curate.min_train_images`` / ``curate.min_holdout_images``."""
 
 
-def worker_config(params: dict, cache_root: Path) -> dict:
-    """The plain, picklable settings both passes need (params are validated by ``ultraflux.schema`` before this)."""
-    data = params.get("data", {}) or {}
-    curate = params.get("curate", {}) or {}
-    flat = {**SEED_DEFAULTS["flat"], **(curate.get("flat", {}) or {})}
-    buckets = curate.get("buckets", {}) or {}
-    variant = data.get("variant", "multiaspect")
-    qcfg, acfg = curate.get("quality", {}) or {}, curate.get("aesthetic", {}) or {}
-    cheap = variant == "multiaspect"
+def image_config(curate: Curate) -> dict:
+    """The per-image settings of pass 1 and of ``curate-stats``, as plain values (they travel to Ray workers as
+    JSON); a bad bucket table fails here, before any work."""
     cfg = {
-        "variant": variant,
-        "seed": int(params.get("seed", 0)),
-        "patch": int(flat["patch"]),
-        "flat_threshold": float(flat["threshold"]),
-        "flat_max_fraction": float(flat["max_fraction"]),
-        "entropy_min": float(curate.get("entropy_min", SEED_DEFAULTS["entropy_min"])),
-        "gray": curate.get("gray", "luma"),
-        "scale": float(buckets.get("scale", 1.0)),
-        "aspects": list(buckets.get("aspects") or DEFAULT_ASPECTS),
-        "max_upscale": float(curate.get("max_upscale", 1.5)),
-        "max_pixels": int(curate.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
-        "quality_standin": scorers.QUALITY_STANDIN if cheap and not qcfg.get("weights") else "",
-        "aesthetic_standin": scorers.AESTHETIC_STANDIN if cheap and not acfg.get("weights") else "",
-        "image_format": curate.get("image_format", "jpeg"),
-        "image_quality": int(curate.get("image_quality", 95)),
-        "shard_max_bytes": int(curate.get("shard_max_mb", 1024)) << 20,
-        "min_train_images": int(curate.get("min_train_images", 1)),
-        "min_holdout_images": int(curate.get("min_holdout_images", 0)),
+        "patch": int(curate.flat.patch),
+        "flat_threshold": float(curate.flat.threshold),
+        "flat_max_fraction": float(curate.flat.max_fraction),
+        "entropy_min": float(curate.entropy_min),
+        "gray": curate.gray,
+        "scale": float(curate.buckets.scale),
+        "aspects": list(curate.buckets.aspects),
+        "max_upscale": float(curate.max_upscale),
+        "max_pixels": int(curate.max_image_pixels),
     }
-    bucket_table(cfg["scale"], cfg["aspects"])  # a bad table fails here, before any work
-    cfg["scan_dir"] = str(cache_root / process.scan_fingerprint(cfg))
-    cfg["render_dir"] = str(cache_root / process.render_fingerprint(cfg))
+    bucket_table(cfg["scale"], cfg["aspects"])
     return cfg
 
 
-def resolve_source(params: dict, out_dir: Path) -> Path:
+def worker_config(params: Params) -> dict:
+    """The plain, picklable settings both passes need, from the validated params."""
+    curate, variant = params.curate, params.data.variant
+    cheap = variant == "multiaspect"
+    return image_config(curate) | {
+        "variant": variant,
+        "seed": int(params.seed),
+        "quality_standin": scorers.QUALITY_STANDIN if cheap and not curate.quality.weights
+        and curate.quality.source != "released" else "",
+        "aesthetic_standin": scorers.AESTHETIC_STANDIN if cheap and not curate.aesthetic.weights
+        and curate.aesthetic.source != "released" else "",
+        "image_format": curate.image_format,
+        "image_quality": int(curate.image_quality),
+        "shard_max_bytes": int(curate.shard_max_mb) << 20,
+        "min_train_images": int(curate.min_train_images),
+        "min_holdout_images": int(curate.min_holdout_images),
+    }
+
+
+def resolve_source(params: Params, out_dir: Path) -> Path:
     """The source folder/table, generating the procedural set under out_dir/source when data.source is ""."""
-    data = params.get("data", {}) or {}
-    source = data.get("source", "") or ""
+    source = params.data.source
+    if source and metadata.is_metadata_source(source):  # the released metadata: curate what the download fetched
+        return released.download_output(out_dir)
     if source:
         path = Path(source)
         if not path.exists():
@@ -121,16 +134,16 @@ def resolve_source(params: dict, out_dir: Path) -> Path:
         if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
             raise SourceError(f"data.source = {source!r} is not readable")
         return path
-    syn = data.get("synthetic", {}) or {}
-    return synthetic.generate(out_dir / "source", int(syn.get("num_images", 40)), int(syn.get("long_side", 768)),
-                              int(params.get("seed", 0)))
+    syn = params.data.synthetic
+    return synthetic.generate(out_dir / "source", int(syn.num_images), int(syn.long_side), int(params.seed))
 
 
 # ------------------------------------------------------------------------------------------------ rows, scores
 
 
-def build_rows(items, records, cfg: dict) -> tuple[pd.DataFrame, np.ndarray]:
-    """One row per source from the ingest items and the pass-1 summaries; bucket and upscale decided here."""
+def build_rows(items, records, cfg: dict, root: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """One row per source from the ingest items and the pass-1 summaries; bucket and upscale decided here.
+    ``relative`` is the source path relative to ``root`` (the source folder), as reasons name it."""
     table = bucket_table(cfg["scale"], cfg["aspects"])
     patch_hist = np.zeros(len(process.PLOT_BINS) - 1, np.int64)
     rows = []
@@ -139,24 +152,25 @@ def build_rows(items, records, cfg: dict) -> tuple[pd.DataFrame, np.ndarray]:
             patch_hist += np.asarray(rec["patch_hist"], np.int64)
         row = {k: rec[k] for k in ("id", "error", "orig_width", "orig_height", "s_flat_fraction", "s_flat_mean",
                                    "num_patches", "entropy", "quality", "aesthetic", "cache_hit")}
-        row.update({"source": item.path, "caption": item.caption, "caption_error": item.caption_error,
+        row.update({"source": item.path, "relative": Path(os.path.relpath(item.path, root)).as_posix(),
+                    "caption": item.caption, "caption_error": item.caption_error,
                     "bucket": "", "width": 0, "height": 0, "upscale": float("nan"), "box": None})
         if not rec["error"]:
             bucket, box = process.select_box(rec["orig_width"], rec["orig_height"], table, cfg, rec["id"])
             bw, bh = table[bucket]
             upscale = max(bw / (box[2] - box[0]), bh / (box[3] - box[1]))
             row.update({"bucket": bucket, "width": bw, "height": bh, "upscale": upscale, "box": list(box)})
-            if upscale > cfg["max_upscale"] + 1e-9:
+            if needs_too_much_upscale(upscale, cfg["max_upscale"]):
                 row["error"] = "too_small"
         rows.append(row)
-    frame = pd.DataFrame(rows)
+    frame = pd.concat([pd.DataFrame(rows), released.released_columns(items)], axis=1)
     for col in ("quality", "aesthetic", "entropy", "upscale", "s_flat_fraction", "s_flat_mean"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     return frame, patch_hist
 
 
 def _learned_inputs(path: str) -> np.ndarray:
-    data = Path(path).read_bytes()
+    data = released.read_source_bytes(path)
     header = read_header(data)
     reduce = dct_reduction(header.width, header.height, LEARNED_MIN_SIDE) if header.fast_jpeg else 1
     return decode_rgb(data, header, reduce=reduce, orient=False)  # stored orientation, as the public tool
@@ -213,8 +227,9 @@ def removal_counts(rows: pd.DataFrame) -> dict[str, int]:
     return {key: int((reasons == key).sum()) for key in REJECT_KEYS}
 
 
-def check_minimums(rows: pd.DataFrame, cfg: dict) -> None:
-    """Raise :class:`TooFewImages`, naming the key(s) and what each filter removed, when too few images remain."""
+def check_minimums(rows: pd.DataFrame, cfg: dict, curate: Curate) -> None:
+    """Raise :class:`TooFewImages`, naming the key(s), what each filter removed and, per filter, the key and value
+    that would have kept more images (:func:`ultraflux.data.advice.relax_advice`), when too few images remain."""
     kept = rows[rows["kept"]]
     n_train, n_holdout = int((kept["split"] == "train").sum()), int((kept["split"] == "holdout").sum())
     problems = []
@@ -225,11 +240,14 @@ def check_minimums(rows: pd.DataFrame, cfg: dict) -> None:
                         "image(s) remain")
     if problems:
         removed = ", ".join(f"{k} {v}" for k, v in removal_counts(rows).items() if v)
+        hf = min(max(float(curate.holdout_fraction), 1e-3), 1 - 1e-3)  # a kept image is held out with this odds
+        wanted = max(math.ceil(max(0, cfg["min_train_images"] - n_train) / (1 - hf)),
+                     math.ceil(max(0, cfg["min_holdout_images"] - n_holdout) / hf), 1)
+        advice = "".join(f"\n  - {line}" for line in relax_advice(rows, curate, wanted))
         raise TooFewImages(
             f"curation kept too few images to train on: {'; '.join(problems)}. Of {len(rows)} source(s), the filters "
             f"removed: {removed or 'none'}; kept {len(kept)} (train {n_train}, holdout {n_holdout}). Add images to "
-            "data.source, relax the filters (curate.flat, curate.entropy_min, curate.quality, curate.aesthetic), "
-            "or lower the minimum.")
+            f"data.source, lower the minimum, or relax a filter (about {wanted} more kept images needed):{advice}")
 
 
 # ------------------------------------------------------------------------------------------------ pass 2, shards
@@ -258,119 +276,84 @@ def _sample_meta(row) -> bytes:
 
 
 def write_shards(rows: pd.DataFrame, out_dir: Path, cfg: dict, progress: bool) -> list[Path]:
-    """Copy the kept images into ``shards/<split>-NNNNNN.tar`` in manifest order; fill shard/key/offset/nbytes."""
-    from tqdm.auto import tqdm
+    """Copy the kept images into ``shards/<split>-NNNNNN.tar`` in manifest order; fill shard/key/offset/nbytes.
 
+    The previous manifest goes first (it names the old shards); on any failure the shard folder goes too, so a
+    partial set never looks complete (a full disk: :class:`DiskFullError` naming the shard being written)."""
     shard_dir = out_dir / "shards"
+    (out_dir / "manifest.parquet").unlink(missing_ok=True)
     if shard_dir.exists():
         shutil.rmtree(shard_dir)
-    ext = "jpg" if cfg["image_format"] == "jpeg" else "png"
     rows["shard"], rows["key"], rows["offset"], rows["nbytes"] = "", "", 0, 0
-    paths = []
-    for split in ("train", "holdout"):
-        part = rows[rows["kept"] & (rows["split"] == split)]
-        if not len(part):
-            continue
-        locations = []
-        with ShardWriter(shard_dir, split, out_dir, max_bytes=cfg["shard_max_bytes"]) as writer:
-            for row in tqdm(part.itertuples(), total=len(part), desc=f"shards ({split})", disable=not progress):
-                image = process.cache_file(cfg["render_dir"], row.id, ext).read_bytes()
-                loc = writer.write(row.id, {ext: image, "txt": row.caption.encode(), "json": _sample_meta(row)})
-                locations.append(loc)
-        paths += writer.paths
-        for col in ("shard", "key", "offset", "nbytes"):
-            rows.loc[part.index, col] = [getattr(loc, col) for loc in locations]
+    paths: list[Path] = []
+    try:
+        for split in ("train", "holdout"):
+            paths += _write_split(rows, split, out_dir, cfg, progress)
+    except BaseException:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        raise
     return paths
 
 
-def _remove_stale_cache(cache_root: Path, keep: set[str]) -> None:
-    for stale in cache_root.iterdir():  # the cache only holds the current settings
-        if (stale.is_dir() and stale.name not in keep and len(stale.name) == 12
-                and all(c in "0123456789abcdef" for c in stale.name)):
-            shutil.rmtree(stale, ignore_errors=True)
+def _write_split(rows: pd.DataFrame, split: str, out_dir: Path, cfg: dict, progress: bool) -> list[Path]:
+    from tqdm.auto import tqdm
+
+    part = rows[rows["kept"] & (rows["split"] == split)]
+    if not len(part):
+        return []
+    ext = "jpg" if cfg["image_format"] == "jpeg" else "png"
+    locations = []
+    writer = ShardWriter(out_dir / "shards", split, out_dir, max_bytes=cfg["shard_max_bytes"])
+    try:
+        with writer:
+            for row in tqdm(part.itertuples(), total=len(part), desc=f"shards ({split})", disable=not progress):
+                image = process.cache_file(cfg["render_dir"], row.id, ext).read_bytes()
+                locations.append(writer.write(row.id, {ext: image, "txt": row.caption.encode(),
+                                                       "json": _sample_meta(row)}))
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(writer.current, "a curation shard") from err
+        raise
+    for col in ("shard", "key", "offset", "nbytes"):
+        rows.loc[part.index, col] = [getattr(loc, col) for loc in locations]
+    return writer.paths
 
 
 # ------------------------------------------------------------------------------------------------ the stage
 
 
-def run_curation(params: dict, out_dir: Path, progress: bool = True) -> dict:
+def run_curation(params: Params | dict, out_dir: Path, progress: bool = True) -> dict:
     """Curate ``data.source`` (or the procedural set) into ``out_dir``; returns a flat dict of metrics.
 
-    Raises :class:`TooFewImages` (after writing the manifest, for inspection) when the minimums are not met.
+    ``params``: the validated :class:`~ultraflux.schema.Params` (a dict is validated here). Raises
+    :class:`TooFewImages` (after writing the manifest, for inspection) when the minimums are not met, and
+    :class:`ultraflux.io.DiskFullError` naming the path when the disk fills up.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    data = params.get("data", {}) or {}
-    curate = params.get("curate", {}) or {}
-    qcfg, acfg = curate.get("quality", {}) or {}, curate.get("aesthetic", {}) or {}
-    variant = data.get("variant", "multiaspect")
-    cache_root = Path(curate.get("cache_dir") or out_dir / ".cache")
-    cfg = worker_config(params, cache_root)
-    engine, workers = curate.get("engine", "local"), curate.get("workers", 0)
+    params, out_dir = typed(params), Path(out_dir)
+    curate, variant = params.curate, params.data.variant
+    cfg = worker_config(params)
     if variant == "multiaspect":  # fail fast, before any work
-        scorers.check_weights("quality", qcfg.get("weights", "") or "")
-        scorers.check_weights("aesthetic", acfg.get("weights", "") or "")
-    if data.get("source"):  # a bad source raises, naming data.source, before any work or output
-        items = list_sources(resolve_source(params, out_dir))
-        out_dir.mkdir(parents=True, exist_ok=True)
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        items = list_sources(resolve_source(params, out_dir))
-
-    scan_dir, render_dir = Path(cfg["scan_dir"]), Path(cfg["render_dir"])
-    swept = process.sweep_temporary(scan_dir) + process.sweep_temporary(render_dir)
-    tasks = [{"path": it.path, "caption_error": it.caption_error, "cfg": cfg} for it in items]
-    records = run_engine(engine, process.scan_one, tasks, workers, progress, desc="scan")
-    rows, patch_hist = build_rows(items, records, cfg)
-
-    quality_name = aesthetic_name = "none"
-    quality_learned = False
+        scorers.check_weights("quality", curate.quality.weights)
+        scorers.check_weights("aesthetic", curate.aesthetic.weights)
+    items, root = _list_items(params, out_dir)
     if variant == "multiaspect":
-        cheap_ok = ((rows["error"] == "") & (rows["caption_error"] == "")
-                    & ~(rows["s_flat_fraction"] > cfg["flat_max_fraction"])
-                    & (rows["entropy"] >= cfg["entropy_min"]))
-        quality_name = scorers.scorer_name("quality", qcfg)
-        aesthetic_name = scorers.scorer_name("aesthetic", acfg)
-        quality_learned = bool(qcfg.get("weights"))
-        n = 1 if engine != "local" else max(1, min(4, int(workers or os.cpu_count() or 1)))
-        if quality_learned:
-            quality_name = score_learned(rows, cheap_ok, "quality", qcfg, scan_dir, n, progress)
-        if acfg.get("weights"):
-            aesthetic_name = score_learned(rows, cheap_ok, "aesthetic", acfg, scan_dir, n, progress)
-    else:
-        rows["quality"] = float("nan")
-        rows["aesthetic"] = float("nan")
-    rows["quality_scorer"] = quality_name
-    rows["aesthetic_scorer"] = aesthetic_name
-    rows["variant"] = variant
-
-    used = assign_reasons(rows, curate, variant, quality_learned)
-    assign_split(rows, cfg["seed"], float(curate.get("holdout_fraction", 0.1)))
-    stage2_from_train(rows, variant)
-    assign_texture_rank(rows)
-    try:
-        check_minimums(rows, cfg)
-        render_hits = render_kept(rows, cfg, engine, workers, progress)
-        check_minimums(rows, cfg)  # a colour decode may still have failed
-    except TooFewImages:
-        rows["shard"], rows["key"], rows["offset"], rows["nbytes"] = "", "", 0, 0
-        _write_manifest(rows, out_dir)
-        raise
-    shards = write_shards(rows, out_dir, cfg, progress)
-    manifest = _write_manifest(rows, out_dir)
-    if (out_dir / "images").is_dir():  # the loose-file layout of older runs
-        shutil.rmtree(out_dir / "images")
-
-    from .plots import write_histograms
-
-    write_histograms(out_dir / "plots", manifest, (process.PLOT_BINS, patch_hist), cfg["flat_threshold"],
-                     cfg["flat_max_fraction"], cfg["entropy_min"])
-    _remove_stale_cache(cache_root, {scan_dir.name, render_dir.name})
-
-    metrics = summarize(manifest, used, cfg, curate)
-    metrics["num_shards"] = len(shards)
-    metrics["shard_bytes"] = int(sum(p.stat().st_size for p in shards))
-    write_json(out_dir / "metrics.json", metrics)
+        released.require_released(items, curate.model_dump())
+    with CacheEntries(curate.cache_dir or out_dir / ".cache", str(out_dir.resolve())) as entries:
+        swept = _open_cache(entries, cfg)
+        tasks = [{"path": it.path, "caption_error": it.caption_error, "cfg": cfg} for it in items]
+        with naming_disk_full(cfg["scan_dir"], "the curation scan cache"):
+            records = run_engine(curate.engine, process.scan_one, tasks, curate.workers, progress, desc="scan")
+        rows, patch_hist = build_rows(items, records, cfg, root)
+        quality_learned = score_candidates(rows, items, params, cfg, progress)
+        used = assign_reasons(rows, curate, variant, quality_learned)
+        assign_split(rows, cfg["seed"], float(curate.holdout_fraction))
+        stage2_from_train(rows, variant)
+        assign_texture_rank(rows)
+        render_hits = _render_or_stop(rows, cfg, curate, out_dir, progress)
+        shards, manifest = write_dataset(rows, out_dir, cfg, progress)
+        metrics = _finish_outputs(out_dir, manifest, patch_hist, used, cfg, curate.engine, shards)
+        entries.prune()
     # Run-dependent figures go under "_timing" (ultraflux.stage pops it), so the metrics stay a function of params.
     elapsed = time.perf_counter() - started
     metrics["_timing"] = {"curate_seconds": round(elapsed, 3), "cache_hits": int(rows["cache_hit"].sum()),
@@ -379,19 +362,113 @@ def run_curation(params: dict, out_dir: Path, progress: bool = True) -> dict:
     return metrics
 
 
+def _list_items(params: Params, out_dir: Path) -> tuple[list, Path]:
+    """The source items and the folder their paths are relative to; a bad data.source raises before any output."""
+    if params.data.source:
+        source = resolve_source(params, out_dir)
+        items = list_sources(source)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        source = resolve_source(params, out_dir)
+        items = list_sources(source)
+    return items, (source if source.is_dir() else source.parent)
+
+
+def _open_cache(entries: CacheEntries, cfg: dict) -> int:
+    """Open this run's scan and render entries (their folders go into ``cfg``); sweep the temporaries a killed run
+    left there, never while another live run uses the entry. Returns how many were swept."""
+    scan = entries.open(f"scan-{process.scan_fingerprint(cfg)}", "curate-scan")
+    render = entries.open(f"render-{process.render_fingerprint(cfg)}", "curate-render")
+    cfg["scan_dir"], cfg["render_dir"] = str(scan), str(render)
+    with entries.lock:
+        return sum(process.sweep_temporary(entry) for entry in (scan, render) if entries.alone(entry))
+
+
+def score_candidates(rows: pd.DataFrame, items, params: Params, cfg: dict, progress: bool) -> bool:
+    """Quality and aesthetic scores of the rows that pass the cheap filters (stand-in scores come from pass 1);
+    fills the scorer-name columns. Returns whether the quality scorer is learned (a threshold, not a percentile)."""
+    curate, variant = params.curate, params.data.variant
+    rows["variant"] = variant
+    if variant != "multiaspect":
+        rows["quality"] = rows["aesthetic"] = float("nan")
+        rows["quality_scorer"] = rows["aesthetic_scorer"] = "none"
+        return False
+    qcfg, acfg = curate.quality.model_dump(), curate.aesthetic.model_dump()
+    texture = texture_reasons(rows["s_flat_fraction"], rows["entropy"], cfg["flat_max_fraction"], cfg["entropy_min"])
+    cheap_ok = (rows["error"] == "") & (rows["caption_error"] == "") & (texture == "")
+    workers = 1 if curate.engine != "local" else max(1, min(4, int(curate.workers or os.cpu_count() or 1)))
+    scan_dir = Path(cfg["scan_dir"])
+    rows["quality_scorer"] = scorers.scorer_name("quality", qcfg)
+    rows["aesthetic_scorer"] = scorers.scorer_name("aesthetic", acfg)
+    with naming_disk_full(scan_dir, "the curation score cache"):
+        if qcfg["source"] == "released":  # the release's Q-Align scores, labelled released:<field>
+            rows["quality_scorer"] = released.use_released(rows, "quality", items)
+        elif qcfg["weights"]:
+            rows["quality_scorer"] = score_learned(rows, cheap_ok, "quality", qcfg, scan_dir, workers, progress)
+        if acfg["source"] == "released":
+            rows["aesthetic_scorer"] = released.use_released(rows, "aesthetic", items)
+        elif acfg["weights"]:
+            rows["aesthetic_scorer"] = score_learned(rows, cheap_ok, "aesthetic", acfg, scan_dir, workers, progress)
+    scorers.skip_grayscale(rows)
+    return bool(qcfg["weights"]) or qcfg["source"] == "released"
+
+
+def _render_or_stop(rows: pd.DataFrame, cfg: dict, curate: Curate, out_dir: Path, progress: bool) -> int:
+    """Pass 2 between the two minimum checks; on :class:`TooFewImages` the manifest is written for inspection."""
+    try:
+        check_minimums(rows, cfg, curate)
+        with naming_disk_full(cfg["render_dir"], "the curation render cache"):
+            hits = render_kept(rows, cfg, curate.engine, curate.workers, progress)
+        check_minimums(rows, cfg, curate)  # a colour decode may still have failed
+    except TooFewImages:
+        rows["shard"], rows["key"], rows["offset"], rows["nbytes"] = "", "", 0, 0
+        _write_manifest(rows, out_dir)
+        raise
+    return hits
+
+
+def write_dataset(rows: pd.DataFrame, out_dir: Path, cfg: dict, progress: bool) -> tuple[list[Path], pd.DataFrame]:
+    """The shards, then the manifest that indexes them; if either fails, neither is left behind."""
+    shards = write_shards(rows, out_dir, cfg, progress)
+    try:
+        manifest = _write_manifest(rows, out_dir)
+    except BaseException:
+        shutil.rmtree(out_dir / "shards", ignore_errors=True)
+        raise
+    if (out_dir / "images").is_dir():  # the loose-file layout of older runs
+        shutil.rmtree(out_dir / "images")
+    return shards, manifest
+
+
+def _finish_outputs(out_dir: Path, manifest: pd.DataFrame, patch_hist: np.ndarray, used: dict, cfg: dict,
+                    engine: str, shards: list[Path]) -> dict:
+    from .plots import write_histograms
+
+    with naming_disk_full(out_dir, "the curation plots and metrics"):
+        write_histograms(out_dir / "plots", manifest, (process.PLOT_BINS, patch_hist), cfg["flat_threshold"],
+                         cfg["flat_max_fraction"], cfg["entropy_min"])
+        metrics = summarize(manifest, used, cfg, engine)
+        metrics["num_shards"] = len(shards)
+        metrics["shard_bytes"] = int(sum(p.stat().st_size for p in shards))
+        write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
 def _write_manifest(rows: pd.DataFrame, out_dir: Path) -> pd.DataFrame:
     manifest = rows[list(MANIFEST_COLUMNS)].astype(MANIFEST_COLUMNS)
-    with atomic_path(out_dir / "manifest.parquet") as tmp:
+    path = out_dir / "manifest.parquet"
+    with naming_disk_full(path, "the curated manifest"), atomic_path(path) as tmp:
         manifest.to_parquet(tmp, index=False)
     return manifest
 
 
-def summarize(manifest: pd.DataFrame, used: dict, cfg: dict, curate: dict) -> dict:
+def summarize(manifest: pd.DataFrame, used: dict, cfg: dict, engine: str) -> dict:
     """Flat metrics dict: counts per outcome, scorer names, thresholds used."""
     kept = manifest[manifest["kept"]]
     metrics = {
         "variant": cfg["variant"],
-        "engine": str(curate.get("engine", "local")),
+        "engine": str(engine),
         "num_sources": int(len(manifest)),
         "num_kept": int(len(kept)),
         "num_stage2": int(manifest["stage2"].sum()),
@@ -405,6 +482,8 @@ def summarize(manifest: pd.DataFrame, used: dict, cfg: dict, curate: dict) -> di
         if manifest["s_flat_fraction"].notna().any() else float("nan"),
     }
     metrics.update({f"rejected_{k}": v for k, v in removal_counts(manifest).items()})
+    if manifest[["released_flatness", "released_entropy"]].notna().any(axis=None):  # a data-integrity check
+        metrics.update(released.agreement(manifest, cfg["flat_max_fraction"], cfg["entropy_min"]))
     for name, count in kept["bucket"].value_counts().sort_index().items():
         metrics[f"bucket_{name}"] = int(count)
     for key, value in used.items():
@@ -412,25 +491,23 @@ def summarize(manifest: pd.DataFrame, used: dict, cfg: dict, curate: dict) -> di
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
-def image_stats(path: str, params: dict) -> dict:
-    """The curate-stats record of one image file (the multi-aspect checks that need no other image)."""
-    cfg = worker_config(params, Path("."))
-    record = {"path": path}
+INPUT_ERRORS = ("unreadable", "decompression_bomb", "failed")
+"""Reason prefixes that say the input itself could not be read (not a verdict on a readable image)."""
+
+
+def image_stats(path: str, curate: Curate) -> dict:
+    """The curate-stats record of one image file: the multi-aspect checks that need no other image (too_small, then
+    :func:`ultraflux.data.rule.texture_reason`), on the statistics as computed, never rounded."""
+    cfg = image_config(curate) | {"variant": "multiaspect", "quality_standin": "", "aesthetic_standin": ""}
     data, image_id, error = process.read_source(path)
     rec = {"error": error, "s_flat": []} if data is None else process.analyze(data, image_id, cfg)[0]
     summary = process.summarize_record({"id": image_id, **rec}, cfg)
     reason, bucket = rec["error"], None
     if not reason:
         bucket, upscale = process.upscale_needed(rec["orig_width"], rec["orig_height"], cfg)
-        if upscale > cfg["max_upscale"] + 1e-9:
-            reason = "too_small"
-    fraction = None if rec["error"] else summary["s_flat_fraction"]
+        reason = "too_small" if needs_too_much_upscale(upscale, cfg["max_upscale"]) else texture_reason(
+            summary["s_flat_fraction"], summary["entropy"], cfg["flat_max_fraction"], cfg["entropy_min"])
     entropy = summary["entropy"]
-    entropy = None if entropy is None or not math.isfinite(entropy) else round(float(entropy), 4)
-    if not reason and fraction is not None and fraction > cfg["flat_max_fraction"]:
-        reason = "flat"
-    if not reason and entropy is not None and entropy < cfg["entropy_min"]:
-        reason = "low_entropy"
-    record.update({"s_flat_fraction": fraction, "entropy": entropy, "bucket": bucket, "kept": not reason,
-                   "reason": reason})
-    return record
+    return {"path": path, "s_flat_fraction": None if rec["error"] else summary["s_flat_fraction"],
+            "entropy": float(entropy) if entropy is not None and math.isfinite(entropy) else None,
+            "bucket": bucket, "kept": not reason, "reason": reason}

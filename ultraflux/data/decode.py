@@ -82,11 +82,13 @@ class Header:
 
 
 def _reason(err: Exception) -> str:
-    """A stable "unreadable: ..." reason: no memory address, no path."""
+    """A stable "unreadable: ..." reason: no memory address, no path, no incidental count (Pillow's "image file is
+    truncated (55 bytes not processed)" becomes "... truncated")."""
     if isinstance(err, Image.UnidentifiedImageError):
         return "unreadable: not a recognised image format"
     text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))
     text = re.sub(r"<_io\.\w+ object>|'[^']*/[^']*'", "<file>", text)
+    text = re.sub(r"\s*\([^()]*\d[^()]*\)", "", text)
     return f"unreadable: {type(err).__name__}: {text}".strip().rstrip(":")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from multiprocessing import get_context
@@ -32,9 +33,21 @@ from tqdm.auto import tqdm
 from .process import init_worker
 
 
-def resolve_workers(workers) -> int:
-    """``curate.workers``: a positive count, or 0/None for every core."""
-    return int(workers) if workers and int(workers) > 0 else (os.cpu_count() or 1)
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a SLURM or container allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_workers(workers, engine: str = "local") -> int:
+    """``curate.workers``: a positive count, or 0/None for every core. On this machine (the local pool, or a Ray
+    started here) never more workers than cores: the paper profile's 64 would overload a laptop; only a Ray cluster
+    (``RAY_ADDRESS`` set) gets the count as asked."""
+    n = int(workers) if workers and int(workers) > 0 else cores()
+    if n > cores() and not (engine == "ray" and os.environ.get("RAY_ADDRESS")):
+        print(f"curate.workers = {n} but this machine has {cores()} cores: using {cores()} (set RAY_ADDRESS to run "
+              f"curate.engine = ray on a cluster)", file=sys.stderr)
+        n = cores()
+    return n
 
 
 def _pool_context():
@@ -77,7 +90,9 @@ def run_ray(fn: Callable[[dict], dict], tasks: list[dict], workers: int, progres
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            # address="local": always a fresh Ray of our own here, never one another process left running on this
+            # machine (ray.init() would attach to it, and refuses num_cpus for an existing cluster)
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
@@ -96,7 +111,7 @@ def run_ray(fn: Callable[[dict], dict], tasks: list[dict], workers: int, progres
 def run_engine(engine: str, fn: Callable[[dict], dict], tasks: list[dict], workers, progress: bool = True,
                desc: str = "curate") -> list[dict]:
     """Run ``fn`` over ``tasks`` with the named engine; results in task order."""
-    n = resolve_workers(workers)
+    n = resolve_workers(workers, engine)
     if engine == "local":
         return run_local(fn, tasks, n, progress, desc)
     if engine == "ray":

@@ -16,6 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from .decode import BadImage, apply_orientation, decode_small, read_header
+from .released import attribution_line, read_source_bytes
 from .shards import read_image_bytes
 
 PER_GROUP = 6
@@ -30,7 +31,7 @@ def _group(row) -> str:
 def thumbnail(row: dict, curated_dir: Path) -> Image.Image | None:
     """A <= THUMB px picture of a manifest row: the curated image if kept, else the source; None if undecodable."""
     try:
-        data = read_image_bytes(curated_dir, row) if row["kept"] else Path(row["source"]).read_bytes()
+        data = read_image_bytes(curated_dir, row) if row["kept"] else read_source_bytes(row["source"])
         header = read_header(data)
         arr = apply_orientation(decode_small(data, header, THUMB), header.orientation)
     except (OSError, ValueError, BadImage):
@@ -51,6 +52,7 @@ def curation_examples(manifest: pd.DataFrame, curated_dir: Path, per_group: int 
             scores = {label: round(float(row[col]), 4) for col, label in SCORES.items()
                       if isinstance(row[col], (int, float, np.floating)) and math.isfinite(float(row[col]))}
             items.append({"id": row["id"], "source": Path(row["source"]).name, "reason": row["reason"],
-                          "scores": scores, "image": thumbnail(row, curated_dir)})
+                          "scores": scores, "image": thumbnail(row, curated_dir),
+                          "credit": attribution_line(row)})
         groups.append({"group": group, "count": int(len(rows)), "items": items})
     return groups

@@ -9,10 +9,12 @@ Accepted layouts, tried in this order:
    ``text``), or ``metadata.csv`` / ``metadata.parquet`` with the columns of (1). Images in the folder that the
    metadata does not list are still sources, with no caption.
 3. a folder of images with sidecar captions: ``photo.jpg`` + ``photo.txt``.
+4. a folder of WebDataset tars (the download stage's output, img2dataset's output): :mod:`ultraflux.data.released`.
 
-Images are the entries (recursively, hidden ones skipped) with an image extension that are not folders; a file with
-an image extension that is not an image (e.g. text named .jpg), a dangling symlink or a special file is still listed,
-and rejected later with an "unreadable" reason: every source path gets a manifest row.
+Images are the entries (recursively, hidden ones skipped) with an image extension; a file with an image extension
+that is not an image (e.g. text named .jpg), a folder named like an image (its contents are listed too), a dangling
+symlink or a special file is still listed, and rejected later with an "unreadable" reason: every source entry gets
+a manifest row.
 
 Caption problems are recorded, never fatal: no caption / empty caption -> ``caption_error = "no_caption"``,
 bytes that are not UTF-8 -> ``"bad_caption: not UTF-8 (...)"``. A UTF-8 BOM is accepted; captions are stripped.
@@ -21,7 +23,7 @@ bytes that are not UTF-8 -> ``"bad_caption: not UTF-8 (...)"``. A UTF-8 BOM is a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
@@ -37,6 +39,7 @@ class SourceItem:
     path: str
     caption: str = ""
     caption_error: str = ""
+    meta: dict = field(default_factory=dict)  # released fields + attribution (WebDataset sources: data/released.py)
 
 
 class SourceError(Exception):
@@ -51,7 +54,7 @@ def decode_caption(raw: bytes | str | None) -> tuple[str, str]:
         try:
             raw = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
-            return "", f"bad_caption: not UTF-8 ({err.reason} at byte {err.start})"
+            return "", f"bad_caption: not UTF-8 ({err.reason})"
     text = str(raw).strip()
     return (text, "") if text else ("", "no_caption")
 
@@ -99,12 +102,11 @@ def _read_jsonl(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def _image_files(root: Path) -> list[Path]:
-    """Every entry with an image extension that is not a folder: regular files, but also dangling symlinks and
-    special files, which then get a row with an "unreadable" reason instead of vanishing."""
+    """Every entry with an image extension: regular files, but also folders, dangling symlinks and special files,
+    which then get a row with an "unreadable" reason instead of vanishing."""
     return sorted(
         p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir() and not any(part.startswith(".") for part in
-                                                                                p.relative_to(root).parts)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
 
@@ -123,6 +125,10 @@ def list_sources(source: str | Path) -> list[SourceItem]:
             caption, error = decode_caption(raw if isinstance(raw, (str, bytes)) else None)
             items.append(SourceItem(str(root.parent / rel), caption, error))
         return sorted(items, key=lambda it: it.path)
+    from .released import is_webdataset, list_webdataset
+
+    if is_webdataset(root):  # the download stage's shards or img2dataset's output: images stay in their tars
+        return [SourceItem(path, *decode_caption(txt), meta) for path, txt, meta in list_webdataset(root)]
     try:
         files = _image_files(root)
     except OSError as err:

@@ -14,8 +14,9 @@ bucket (:func:`resize_to`), encode (JPEG at ``curate.image_quality`` or lossless
 process copies them into the shards in manifest order.
 
 Cache (``curate.cache_dir``), so an interrupted run recomputes nothing it finished: pass-1 records are
-``<scan fingerprint>/<id[:2]>/<id>.json`` (per-patch S_flat, entropy, sizes, stand-in scores by scorer name),
-pass-2 images ``<render fingerprint>/<id[:2]>/<id>.<ext>``. A fingerprint hashes only the settings that change
+``scan-<fingerprint>/<id[:2]>/<id>.json`` (per-patch S_flat, entropy, sizes, stand-in scores by scorer name),
+pass-2 images ``render-<fingerprint>/<id[:2]>/<id>.<ext>``, each folder a marked, owned cache entry
+(:mod:`ultraflux.data.cache_entries`). A fingerprint hashes only the settings that change
 what is cached (:func:`scan_fingerprint`, :func:`render_fingerprint`); thresholds and percentiles are applied in
 :mod:`ultraflux.data.select`, so changing them recomputes nothing, except the stand-in scores of an image that
 newly passes the cheap filters. Files are written through :func:`ultraflux.io.atomic_path`; temporary entries that
@@ -37,8 +38,11 @@ from ultraflux.io import atomic_write_bytes, sha256_bytes, sha256_json, sha256_t
 
 from . import scorers
 from .buckets import bucket_table
+from .cache_entries import RESERVED
 from .decode import BadImage, Header, dct_reduction, decode_gray, decode_rgb, decode_small, read_header
-from .stats import entropy_bits, flat_summary, is_flat, patch_flatness
+from .released import is_member_path, read_source_bytes
+from .rule import needs_too_much_upscale, texture_reason
+from .stats import entropy_bits, flat_summary, patch_flatness
 
 SCAN_VERSION = 2
 RENDER_VERSION = 1
@@ -76,14 +80,15 @@ def cache_file(directory: str | Path, image_id: str, ext: str) -> Path:
 
 
 def sweep_temporary(directory: str | Path) -> int:
-    """Remove the temporary entries (names starting with '.') that killed workers left; returns how many."""
+    """Remove the temporary entries (names starting with '.', other than the cache entry's own bookkeeping,
+    :data:`ultraflux.data.cache_entries.RESERVED`) that killed workers left; returns how many."""
     removed = 0
     directory = Path(directory)
     if not directory.is_dir():
         return 0
     for sub in [directory, *(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))]:
         for entry in sub.iterdir():
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") and entry.name not in RESERVED:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                 removed += 1
     return removed
@@ -92,9 +97,17 @@ def sweep_temporary(directory: str | Path) -> int:
 def read_source(path: str) -> tuple[bytes | None, str, str]:
     """(bytes or None, id, error) for one source path; errors are stable strings (no address, no path)."""
     p = Path(path)
+    if is_member_path(path):  # an image inside a WebDataset tar (data/released.py)
+        try:
+            data = read_source_bytes(path)
+        except OSError as err:
+            return None, sha256_text(f"missing:{path}")[:16], f"unreadable: {err.strerror or err}"
+        return data, sha256_bytes(data)[:16], ""
     try:
-        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO would block the worker; sockets, devices: no image
-            return None, sha256_text(f"missing:{path}")[:16], "unreadable: not a regular file"
+        mode = os.stat(p).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block the worker; folders, sockets, devices: no image
+            detail = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            return None, sha256_text(f"missing:{path}")[:16], f"unreadable: {detail}"
         data = p.read_bytes()
     except OSError as err:
         if p.is_symlink() and not p.exists():
@@ -147,9 +160,10 @@ def is_candidate(rec: dict, cfg: dict, caption_error: str) -> bool:
     if rec["error"] or caption_error or cfg["variant"] == "baseline":
         return False
     fraction, _ = flat_summary(rec["s_flat"], cfg["flat_threshold"])
-    if is_flat(fraction, cfg["flat_max_fraction"]) or not rec["entropy"] >= cfg["entropy_min"]:
+    if texture_reason(fraction, rec["entropy"], cfg["flat_max_fraction"], cfg["entropy_min"]):
         return False
-    return upscale_needed(rec["orig_width"], rec["orig_height"], cfg)[1] <= cfg["max_upscale"] + 1e-9
+    return not needs_too_much_upscale(upscale_needed(rec["orig_width"], rec["orig_height"], cfg)[1],
+                                      cfg["max_upscale"])
 
 
 def standin_scores(data: bytes, rec: dict, cfg: dict, rgb: np.ndarray | None) -> dict:

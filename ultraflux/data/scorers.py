@@ -227,6 +227,21 @@ def qalign_name(weights: str) -> str:
 QUALITY_STANDIN = "standin:laplacian-sharpness"
 AESTHETIC_STANDIN = "standin:hasler-colorfulness"
 STANDINS = {QUALITY_STANDIN: laplacian_sharpness, AESTHETIC_STANDIN: hasler_colorfulness}
+GRAYSCALE_COLORFULNESS = 1.0
+"""Hasler-Suesstrunk colourfulness below which an image counts as grayscale (exactly 0 when R = G = B; "not
+colourful" photos score about 15 on their scale). The colourfulness stand-in says nothing about a grayscale photo's
+aesthetics, so such images are not ranked by it (:func:`skip_grayscale`)."""
+GRAYSCALE_SKIPPED = f"{AESTHETIC_STANDIN} skipped: grayscale"
+
+
+def skip_grayscale(rows) -> int:
+    """With the colourfulness stand-in as aesthetic scorer, grayscale rows get no aesthetic score (NaN) and the
+    scorer name :data:`GRAYSCALE_SKIPPED`: the aesthetic filter lets them pass instead of rejecting every grayscale
+    photo. Returns how many rows were marked. In place."""
+    gray = (rows["aesthetic_scorer"] == AESTHETIC_STANDIN) & (rows["aesthetic"] < GRAYSCALE_COLORFULNESS)
+    rows.loc[gray, "aesthetic"] = float("nan")
+    rows.loc[gray, "aesthetic_scorer"] = GRAYSCALE_SKIPPED
+    return int(gray.sum())
 
 
 def check_weights(kind: str, weights: str) -> None:

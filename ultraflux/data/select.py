@@ -3,14 +3,18 @@
 Every row gets exactly one ``reason`` ("" = kept): the FIRST failing check in this order
 
 1. ``unreadable: <detail>`` / ``decompression_bomb`` (decode, :mod:`ultraflux.data.decode`)
-2. ``duplicate: <source of the first copy>`` (same content hash as an earlier source in path order)
+2. ``duplicate: <the original>`` (same content hash as another source; the original is the copy whose path,
+   relative to the source folder, sorts first, and the reason names it by that relative path)
 3. ``no_caption`` / ``bad_caption: <detail>`` (:mod:`ultraflux.data.ingest`)
 4. ``too_small`` (would need more than ``curate.max_upscale`` upscaling to reach its bucket)
 5. ``flat``: more than ``curate.flat.max_fraction`` (50%) of patches have S_flat < ``curate.flat.threshold`` (800)
 6. ``low_entropy``: H < ``curate.entropy_min`` (7.0 bits)
+   (4-6: :mod:`ultraflux.data.rule`, the same rule pass 1 and ``curate-stats`` apply)
 7. ``low_quality``: Q-Align score <= ``curate.quality.threshold`` (4.0); for a stand-in scorer, outside the top
    ``curate.quality.standin_keep_fraction`` of the rows still in the running (a percentile, never 4.0)
-8. ``low_aesthetic``: outside the aesthetic top ``curate.aesthetic.keep_top`` (30%) of the rows still in the running
+8. ``low_aesthetic``: outside the aesthetic top ``curate.aesthetic.keep_top`` (30%) of the rows still in the running;
+   grayscale images under the colourfulness stand-in are not ranked and pass (scorer ``... skipped: grayscale``,
+   :func:`ultraflux.data.scorers.skip_grayscale`)
 
 (seed Sec. 2.1 for 5-8). Steps 5-8 are the multi-aspect curation; the ``baseline`` variant stops after step 4.
 "Top p of n" keeps ``ceil(p * n)`` rows (at least one), ranking by score and breaking ties by ``id``.
@@ -37,6 +41,10 @@ import numpy as np
 import pandas as pd
 
 from ultraflux.io import sha256_text
+from ultraflux.schema import Curate
+
+from .rule import texture_reasons
+from .scorers import GRAYSCALE_SKIPPED
 
 
 def ceil_count(fraction: float, n: int) -> int:
@@ -56,40 +64,40 @@ def hash_unit(seed: int, image_id: str, salt: str = "split") -> float:
     return int(sha256_text(f"{salt}:{seed}:{image_id}")[:16], 16) / 2**64
 
 
-def assign_reasons(rows: pd.DataFrame, curate: dict, variant: str, quality_learned: bool) -> dict:
-    """Fill ``rows.reason`` and ``rows.stage2`` in place; returns the thresholds actually used."""
-    flat_cfg = curate.get("flat", {}) or {}
-    max_fraction = float(flat_cfg.get("max_fraction", 0.5))
-    entropy_min = float(curate.get("entropy_min", 7.0))
-    qcfg = curate.get("quality", {}) or {}
-    acfg = curate.get("aesthetic", {}) or {}
+def assign_reasons(rows: pd.DataFrame, curate: Curate, variant: str, quality_learned: bool) -> dict:
+    """Fill ``rows.reason`` and ``rows.stage2`` in place from the validated ``curate`` section; returns the
+    thresholds actually used."""
+    qcfg, acfg = curate.quality, curate.aesthetic
     used: dict = {}
 
     error = rows["error"].fillna("").astype(str)
     reason = error.where(error != "too_small", "")
-    first_copy = rows.groupby("id")["source"].transform("first")
-    dup = (reason == "") & (rows["source"] != first_copy)
-    reason[dup] = "duplicate: " + first_copy[dup]
+    original = rows.groupby("id")["relative"].transform("min")
+    dup = (reason == "") & (rows["relative"] != original)
+    reason[dup] = "duplicate: " + original[dup]
     reason[(reason == "") & (rows["caption_error"] != "")] = rows["caption_error"]
     reason[(reason == "") & (error == "too_small")] = "too_small"
     if variant != "baseline":
-        reason[(reason == "") & (rows["s_flat_fraction"] > max_fraction)] = "flat"
-        reason[(reason == "") & (rows["entropy"] < entropy_min)] = "low_entropy"
+        texture = pd.Series(texture_reasons(rows["s_flat_fraction"], rows["entropy"], curate.flat.max_fraction,
+                                            curate.entropy_min), index=rows.index)
+        reason[(reason == "") & (texture != "")] = texture
 
         alive = rows[reason == ""]
         if quality_learned:
-            threshold = float(qcfg.get("threshold", 4.0))
+            threshold = float(qcfg.threshold)
             bad = alive["id"][~(alive["quality"] > threshold)]
         else:
-            keep = top_ids(alive, "quality", float(qcfg.get("standin_keep_fraction", 0.9)))
+            keep = top_ids(alive, "quality", float(qcfg.standin_keep_fraction))
             bad = alive["id"][~alive["id"].isin(keep)]
             threshold = float(alive.loc[alive["id"].isin(keep), "quality"].min()) if keep else float("nan")
         used["quality_threshold"] = threshold
         reason[(reason == "") & rows["id"].isin(set(bad))] = "low_quality"
 
         alive = rows[reason == ""]
-        keep = top_ids(alive, "aesthetic", float(acfg.get("keep_top", 0.30)))
-        stage2 = top_ids(alive, "aesthetic", float(acfg.get("stage2_top", 0.05)))
+        unranked = alive.get("aesthetic_scorer", pd.Series("", index=alive.index)) == GRAYSCALE_SKIPPED  # grayscale
+        ranked = alive[~unranked]
+        keep = top_ids(ranked, "aesthetic", float(acfg.keep_top)) | set(alive.loc[unranked, "id"])
+        stage2 = top_ids(ranked, "aesthetic", float(acfg.stage2_top))
         used["aesthetic_threshold"] = (float(alive.loc[alive["id"].isin(keep), "aesthetic"].min())
                                        if keep else float("nan"))
         reason[(reason == "") & ~rows["id"].isin(keep)] = "low_aesthetic"
@@ -99,7 +107,7 @@ def assign_reasons(rows: pd.DataFrame, curate: dict, variant: str, quality_learn
         rows["reason"] = reason
         kept = rows[reason == ""]
         order = sorted(kept["id"], key=lambda i: hash_unit(0, i, "stage2"))
-        chosen = set(order[: ceil_count(float(acfg.get("stage2_top", 0.05)), len(order))])
+        chosen = set(order[: ceil_count(float(acfg.stage2_top), len(order))])
         rows["stage2"] = (reason == "") & rows["id"].isin(chosen)
     rows["kept"] = rows["reason"] == ""
     return used

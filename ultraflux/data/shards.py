@@ -16,6 +16,7 @@ layout (one file per image, ``image`` column) are still read.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -52,7 +53,8 @@ class ShardWriter:
 
     ``write(key, {"jpg": bytes, "txt": bytes, "json": bytes})`` returns the image's :class:`Location`. Each shard is
     written to a temporary name and renamed when it is complete (``close`` or roll-over), so a killed run never
-    leaves a truncated shard under a final name.
+    leaves a truncated shard under a final name; an exception inside ``with`` (e.g. a full disk) removes the shard
+    being written (:meth:`abort`) instead of completing it. ``current`` is the shard being written.
     """
 
     def __init__(self, directory: str | os.PathLike, prefix: str, root: str | os.PathLike,
@@ -100,15 +102,30 @@ class ShardWriter:
         self.count += 1
         return location
 
+    @property
+    def current(self) -> Path:
+        return self._path or self.dir
+
     def close(self) -> list[Path]:
         self._finish()
         return self.paths
 
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file); the shards completed before it stay."""
+        if self._fh is not None:
+            with contextlib.suppress(OSError):  # a full disk may refuse the buffered rest too
+                self._fh.close()
+            self._path.with_name(self._path.name + ".tmp").unlink(missing_ok=True)
+        self._tar = self._fh = None
+
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def read_image_bytes(curated_dir: str | os.PathLike, row: Mapping) -> bytes:

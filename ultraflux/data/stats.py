@@ -13,9 +13,10 @@ Its conventions, reproduced here:
 * ``S_flat`` of a patch is the population variance of the gradient magnitude ``sqrt(Ix^2 + Iy^2)``; a patch is
   texture-poor when ``S_flat < threshold`` (800). The flat fraction is (texture-poor patches) / (full patches), and
   **0.0 when the image has no full patch** (the tool's choice), so such an image is never dropped as flat.
-  An image is dropped when MORE than ``max_fraction`` (50%) of its patches are texture-poor.
+  An image is dropped when MORE than ``max_fraction`` (50%) of its patches are texture-poor
+  (:mod:`ultraflux.data.rule`, the one place the thresholds are compared).
 * Entropy: ``skimage.measure.shannon_entropy(I)`` (bits), i.e. ``scipy.stats.entropy`` of the counts of the gray
-  levels present; dropped when ``H < 7.0``.
+  levels present; dropped when ``H < 7.0`` (:mod:`ultraflux.data.rule`).
 
 Speed and exactness (budget: well under the cost of a decode; figures in benchmarks/bench_curate.py): per patch,
 ``cv2.spatialGradient`` gives the int16 Sobel pair (exact for uint8 input: |I_x| <= 1020). Then
@@ -68,17 +69,12 @@ def patch_flatness(gray: np.ndarray, patch: int = FLAT_PATCH) -> np.ndarray:
     return out
 
 
-def flat_summary(s_flat, threshold: float = 800.0) -> tuple[float, float]:
+def flat_summary(s_flat, threshold: float) -> tuple[float, float]:
     """(fraction of texture-poor patches, mean patch S_flat); ``(0.0, nan)`` without full patches (the tool's 0.0)."""
     values = np.asarray(s_flat, dtype=np.float64).ravel()
     if values.size == 0:
         return 0.0, float("nan")
     return float(np.mean(values < threshold)), float(values.mean())
-
-
-def is_flat(flat_fraction: float, max_fraction: float = 0.5) -> bool:
-    """Seed Sec. 2.1: drop an image when MORE than 50% of its patches are texture-poor."""
-    return flat_fraction > max_fraction
 
 
 def gray_counts(gray: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Shared plumbing for the LLM-backed evaluation tools (Gemini judge, GPT-4o refiner).
 
-* one retry loop for transport failures (429 / 408 / 5xx / timeouts / connection errors) *and* malformed or
-  off-schema answers, with bounded exponential back-off and jitter (the SDKs' own retries are switched off so
+* one retry loop (tenacity) for transport failures (429 / 408 / 5xx / timeouts / connection errors) *and* malformed
+  or off-schema answers, with bounded exponential back-off and jitter (the SDKs' own retries are switched off so
   there is exactly one budget and every attempt's failure is recorded);
 * answers validated by pydantic models (the same models both SDKs take as the response schema): a
   ``pydantic.ValidationError`` anywhere in a call counts as an off-schema answer, described in one line;
@@ -197,6 +197,18 @@ class Outcome:
         return {"status": self.status, "attempts": self.attempts, "errors": self.errors}
 
 
+class _Failed(Exception):
+    """One attempt failed; carries its classification for tenacity's retry decision and the outcome."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class _Aborted(Exception):
+    """``should_stop`` said stop before an attempt (an earlier fatal error elsewhere)."""
+
+
 def call_with_retries(
     call: Callable[[], Any],
     validate: Callable[[Any], Any],
@@ -206,32 +218,50 @@ def call_with_retries(
     sleep: Callable[[float], None] = time.sleep,
     should_stop: Callable[[], bool] | None = None,
 ) -> Outcome:
-    """Run ``validate(call())`` until it succeeds or the retry budget is spent.
+    """Run ``validate(call())`` until it succeeds or the retry budget is spent (tenacity drives the attempts; the
+    waits are :meth:`RetryPolicy.delay`, which honours a server's Retry-After).
 
     Returns an :class:`Outcome` whose status is ``ok`` (value = validated answer), ``invalid`` (the last failure was
     a malformed / off-schema / refused answer) or ``error`` (transport or fatal API failure). Nothing is invented.
     """
+    import tenacity
+
     secrets = list(secrets)
     errors: list[dict] = []
-    last: Failure | None = None
     n_attempts = policy.max_retries + 1
-    for i in range(n_attempts):
+
+    def attempt():
         if should_stop is not None and should_stop():
-            errors.append({"attempt": i + 1, "kind": "fatal", "status": None, "error": "aborted (an earlier fatal error)"})
-            return Outcome("error", None, i, errors, fatal=True)
+            errors.append({"attempt": len(errors) + 1, "kind": "fatal", "status": None,
+                           "error": "aborted (an earlier fatal error)"})
+            raise _Aborted()
         try:
-            return Outcome("ok", validate(call()), i + 1, errors)
-        except Exception as exc:  # noqa: BLE001 - classified below, never swallowed silently
-            last = classify(exc, secrets)
-        errors.append({"attempt": i + 1, "kind": last.kind, "status": last.status, "error": last.message})
-        if not last.retryable:
-            log.warning("%s failed (not retryable): %s", what, last.message)
-            return Outcome("error", None, i + 1, errors, fatal=True)
-        if i + 1 < n_attempts:
-            d = policy.delay(i, last.retry_after)
-            log.info("%s attempt %d/%d failed (%s); retrying in %.2fs", what, i + 1, n_attempts, last.message, d)
-            sleep(d)
-    assert last is not None
+            return validate(call())
+        except Exception as exc:  # noqa: BLE001 - classified here, never swallowed silently
+            failure = classify(exc, secrets)
+            errors.append({"attempt": len(errors) + 1, "kind": failure.kind, "status": failure.status,
+                           "error": failure.message})
+            raise _Failed(failure) from exc
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        return policy.delay(state.attempt_number - 1, state.outcome.exception().failure.retry_after)
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        log.info("%s attempt %d/%d failed (%s); retrying in %.2fs", what, state.attempt_number, n_attempts,
+                 state.outcome.exception().failure.message, state.upcoming_sleep)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(n_attempts), wait=wait, sleep=sleep, before_sleep=before_sleep, reraise=True,
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, _Failed) and e.failure.retryable))
+    try:
+        return Outcome("ok", retrying(attempt), len(errors) + 1, errors)
+    except _Aborted:
+        return Outcome("error", None, len(errors) - 1, errors, fatal=True)
+    except _Failed as failed:
+        last = failed.failure
+    if not last.retryable:
+        log.warning("%s failed (not retryable): %s", what, last.message)
+        return Outcome("error", None, len(errors), errors, fatal=True)
     log.warning("%s failed after %d attempts: %s", what, n_attempts, last.message)
     return Outcome("invalid" if last.kind == "invalid" else "error", None, n_attempts, errors)
 

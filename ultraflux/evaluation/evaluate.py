@@ -20,7 +20,7 @@ from PIL import Image
 
 from ultraflux import distributed
 from ultraflux.data.shards import load_image_tensor, open_image
-from ultraflux.evaluation.metrics import build_reference, generation_metrics, not_computed
+from ultraflux.evaluation.metrics import ReconstructionLearned, build_reference, generation_metrics
 from ultraflux.io import sha256_text
 
 RECON_EXAMPLES = 4       # held-out images shown as input | reconstruction in the report
@@ -59,17 +59,19 @@ def vae_table(params: dict, manifest: pd.DataFrame, curated_dir: Path, vae_dir: 
     records = rows.to_dict("records")
     recon_dir.mkdir(parents=True, exist_ok=True)
 
-    def keep_example(i, x, r):   # the first few, from the same pass that measures them
+    learned = ReconstructionLearned(params["evaluate"])
+
+    def on_image(i, x, r):   # the first few kept as examples, and the learned metrics, from the measured pass
+        learned.update(x, r)
         if i < RECON_EXAMPLES:
             _crop_pair(x.float().cpu(), r.float().cpu()).save(recon_dir / f"{records[i]['id']}.png")
 
     values = []
     for i in distributed.progress(range(len(records)), "evaluate: reconstruction"):
         values += per_image_metrics(vae, [load_image_tensor(curated_dir, records[i])],
-                                    lambda _, x, r, i=i: keep_example(i, x, r))
+                                    lambda _, x, r, i=i: on_image(i, x, r))
     table = mean_metrics(distributed.gather(values))
-    return {**table, "rfid": not_computed("rfid"), "lpips": not_computed("lpips"), "split": split,
-            "num_images": int(len(rows))}
+    return {**table, **learned.result(), "split": split, "num_images": int(len(rows))}
 
 
 def _mean_over_aspects(generation: dict) -> dict:

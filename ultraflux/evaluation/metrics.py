@@ -48,6 +48,66 @@ def not_computed(metric: str) -> str:
     return f"not computed (no weights at {LEARNED_METRICS[metric]})"
 
 
+def failed(metric: str, err: BaseException) -> str:
+    """A learned metric whose weights are set but whose computation failed: say what failed, never a number."""
+    return f"not computed ({metric} with {LEARNED_METRICS[metric]} failed: {type(err).__name__}: {err})"[:600]
+
+
+class ReconstructionLearned:
+    """rFID and LPIPS of reconstructions (seed Table 2), accumulated image by image during the reconstruction pass.
+
+    rFID: FID between the inputs and their reconstructions with the local Inception weights
+    (``evaluate.fid_inception_weights``); LPIPS: mean LPIPS(VGG) with ``evaluate.lpips_weights``. Each says
+    ``not computed (...)`` with the key, or what failed, instead of a number."""
+
+    def __init__(self, cfg: dict):
+        self.values: dict[str, object] = {"rfid": not_computed("rfid"), "lpips": not_computed("lpips")}
+        self.fid = self.lpips = None
+        self.lpips_sum, self.n = 0.0, 0
+        if cfg["fid_inception_weights"]:
+            self.fid = fid_metric(cfg["fid_inception_weights"])
+            if isinstance(self.fid, str):
+                self.values["rfid"], self.fid = self.fid, None
+        if cfg["lpips_weights"]:
+            from ultraflux.models.lpips import load_lpips
+
+            try:
+                self.lpips = load_lpips(cfg["lpips_weights"], "evaluate.lpips_weights")
+            except RuntimeError as e:
+                self.values["lpips"] = f"not computed ({e})"
+
+    def update(self, x, r) -> None:
+        """One input and its reconstruction ([3, H, W] in [-1, 1])."""
+        import torch
+
+        if self.fid is not None:
+            for t, real in ((x, True), (r, False)):
+                image = Image.fromarray(((t.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0)
+                                        .cpu().numpy())
+                _fid_update(self.fid, image, real=real)
+        if self.lpips is not None:
+            with torch.no_grad():
+                self.lpips_sum += float(self.lpips(r[None].float().clamp(-1, 1).cpu(), x[None].float().cpu()))
+        self.n += 1
+
+    def result(self) -> dict[str, object]:
+        """The metrics over the images of every process (each process updated its share; FID syncs its own
+        statistics in ``compute``)."""
+        from ultraflux.distributed import gather
+
+        shares = gather([(self.lpips_sum, self.n)])
+        total, n = sum(s for s, _ in shares), sum(k for _, k in shares)
+        if self.fid is not None:
+            try:
+                self.values["rfid"] = float(self.fid.compute()) if n > 1 else \
+                    "not computed (rFID needs at least 2 held-out images)"
+            except Exception as e:  # noqa: BLE001 - reported as the metric's value, never a made-up number
+                self.values["rfid"] = failed("rfid", e)
+        if self.lpips is not None and n:
+            self.values["lpips"] = total / n
+        return self.values
+
+
 def glcm_score(image: Image.Image, patch: int = GLCM_PATCH) -> float:
     from skimage.feature import graycomatrix
     from skimage.measure import shannon_entropy
@@ -182,8 +242,12 @@ def generation_metrics(images: list[Image.Image], params: dict, real: Reference 
         elif metric in ("qalign", "artimuse"):  # the curation scorers (ultraflux.data.scorers), same checkpoints
             from ultraflux.data.scorers import make_scorer
 
-            scorer = make_scorer("quality" if metric == "qalign" else "aesthetic", {"weights": weights})
-            out[metric] = float(np.mean(scorer.score(arrays)))
+            scorer_cfg = {"weights": weights, "batch_size": 8, "code_dir": params["evaluate"]["artimuse_code_dir"]}
+            try:
+                scorer = make_scorer("quality" if metric == "qalign" else "aesthetic", scorer_cfg)
+                out[metric] = float(np.mean(scorer.score(arrays)))
+            except (FileNotFoundError, ImportError, RuntimeError, OSError) as e:
+                out[metric] = failed(metric, e)
         else:  # weights given but this scorer has no backend in this build: say so rather than guess
             out[metric] = f"not computed (no {metric} backend in this build; weights at {LEARNED_METRICS[metric]})"
     return out

@@ -29,6 +29,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from ultraflux.models.vae import spatial_factor
+from ultraflux.pipelines.memory import apply_memory_mode
 
 logger = logging.getLogger(__name__)
 
@@ -120,10 +121,11 @@ class UltraFluxPipeline(FluxPipeline):
         return super().__call__(*args, height=height, width=width, **kwargs)
 
     def place(self, offload: str = "none", dtype: str | torch.dtype | None = "auto",
-              device: str | torch.device | None = None) -> dict:
+              device: str | torch.device | None = None, memory: str = "none") -> dict:
         """Move to ``device`` (default: CUDA when present) in ``dtype``, or set up diffusers' CPU offload there.
 
-        Returns what was done: {"device", "dtype", "offload"} (offload "none" when no accelerator is present).
+        Returns what was done: {"device", "dtype", "offload", "memory"} (offload "none" when no accelerator is
+        present). ``memory``: the transformer's low-VRAM mode (``ultraflux.pipelines.memory``).
         """
         _choice("offload", offload, OFFLOAD_MODES)
         device = torch.device(device) if device is not None else default_device()
@@ -141,7 +143,9 @@ class UltraFluxPipeline(FluxPipeline):
             else:
                 self.enable_sequential_cpu_offload(device=device)
         self.offload = offload
-        self.placement = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "offload": offload}
+        memory = apply_memory_mode(self.transformer, memory, device, dtype) if self.transformer is not None else "none"
+        self.placement = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "offload": offload,
+                          "memory": memory}
         return self.placement
 
     def _cast(self, dtype: torch.dtype) -> None:
@@ -163,7 +167,8 @@ class UltraFluxPipeline(FluxPipeline):
             self.remove_all_hooks()
         self.register_modules(transformer=transformer)
         if placement:
-            self.place(placement["offload"], getattr(torch, placement["dtype"]), placement["device"])
+            self.place(placement["offload"], getattr(torch, placement["dtype"]), placement["device"],
+                       placement.get("memory", "none"))
 
 
 def decode_settings_from(sample_cfg: dict) -> dict:
@@ -189,11 +194,13 @@ def load_pipeline(params: dict, transformer_dir: str | Path, vae_dir: str | Path
     _choice("offload", str(sample_cfg.get("offload", "none")), OFFLOAD_MODES)
     dtype = resolve_dtype(sample_cfg.get("dtype", "auto"), default_device()) if place else torch.float32
     tok, te, tok2, te2 = build_text_encoders(params["model"], seed=params["seed"])
-    transformer = load_transformer(transformer_dir, params["rope"], torch_dtype=dtype)
+    transformer = load_transformer(transformer_dir, params["rope"], rope_from=sample_cfg.get("rope_from", "weights"),
+                                   torch_dtype=dtype)
     vae = build_vae({**params["model"], "vae_pretrained": str(vae_dir)})
     shift = params["dit_stage2"]["shift"]
     pipe = UltraFluxPipeline(static_shift_scheduler(shift), vae, te, tok, te2, tok2, transformer)
     pipe.configure_decode(**decode)
     if place:
-        pipe.place(offload=str(sample_cfg.get("offload", "none")), dtype=dtype)
+        pipe.place(offload=str(sample_cfg.get("offload", "none")), dtype=dtype,
+                   memory=str(sample_cfg.get("memory", "none")))
     return pipe

@@ -171,7 +171,7 @@ def scan(root: Path) -> dict[str, str]:
     return index
 
 
-class ShardWriter:
+class LatentShardWriter:
     """Collects encoded samples and writes them as one safetensors shard per ``shard_size`` samples (atomically)."""
 
     def __init__(self, root: Path, shard_size: int, rank: int, world: int):
@@ -219,7 +219,7 @@ class _ImageRows(Dataset):
             return i, None, f"{type(e).__name__}: {e}"
 
 
-def _encode_share(share: list[dict], curated_dir: Path, enc: Encoders, writer: ShardWriter, failed_dir: Path,
+def _encode_share(share: list[dict], curated_dir: Path, enc: Encoders, writer: LatentShardWriter, failed_dir: Path,
                   batch_size: int, num_workers: int, progress: bool) -> tuple[int, int]:
     """Encode this process's rows (each with ``_key``, sorted by bucket) in batches of one bucket.
 
@@ -296,7 +296,7 @@ def build_cache(rows: pd.DataFrame, curated_dir: Path, enc: Encoders, cache_dir:
     columns = [c for c in ("id", "caption", "bucket", "shard", "offset", "nbytes", "image", "_key") if c in frame]
     share = missing.iloc[rank::world][columns].to_dict("records")     # only this process's rows become dicts
     state.wait_for_everyone()   # every process has its snapshot of the index before any writes a shard
-    writer = ShardWriter(root, shard_size, rank, world)
+    writer = LatentShardWriter(root, shard_size, rank, world)
     encoded, failed = _encode_share(share, curated_dir, enc, writer, root / "failed", batch_size, num_workers,
                                     progress and state.is_main_process) if share else (0, 0)
     state.wait_for_everyone()

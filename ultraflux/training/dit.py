@@ -7,6 +7,10 @@ high-noise end, see ``training/flow.py``). AdamW with a constant learning rate (
 accumulation across processes and steps). Every ``val_every`` steps (and at the start and the end) the held-out
 validation loss of ``training/validation.py``; gradient checkpointing per ``gradient_checkpointing`` (auto = on GPU).
 Launch through accelerate (DeepSpeed ZeRO-2 config in configs/accelerate/); one CPU process works unchanged.
+
+Checkpoints follow the trajectory (``training/checkpoint.py``: raising ``steps`` resumes), the disk space they and the
+final weights need is checked before the latent cache is built, and a non-finite loss or gradient norm stops the run
+(``training/loop.py``). The trained transformer is saved with the RoPE it was trained with (``ultraflux.json``).
 """
 from __future__ import annotations
 
@@ -20,12 +24,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ultraflux.io import atomic_path, sha256_file, sha256_json
+from ultraflux.io import atomic_path, naming_disk_full, sha256_file, sha256_json
 from ultraflux.losses import dit_loss
 from ultraflux.training.cache import build_cache, load_encoders
-from ultraflux.training.checkpoint import Checkpointer, TrainState
+from ultraflux.training.checkpoint import Checkpointer, Fingerprint, TrainState
+from ultraflux.training.ema import ema_update, make_ema, swapped_in
 from ultraflux.training.flow import predict_velocity, sample_sigmas
 from ultraflux.training.layout import stage_layout
+from ultraflux.training.lora import apply_lora, save_trained
+from ultraflux.training.loop import (check_disk_space, check_finite, checkpoint_bytes, decided_by_main, disk_needs,
+                                     rng_neutral)
 from ultraflux.training.memory import gradient_checkpointing, peak_memory
 from ultraflux.training.sampler import BucketBatchSampler
 from ultraflux.training.validation import VAL_COLUMNS, sample_images, validate
@@ -70,6 +78,52 @@ def _configure_deepspeed(accelerator, batch_size: int, max_grad_norm: float | No
         cfg["gradient_clipping"] = float(max_grad_norm or 0.0)
 
 
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+TRAIN_IMAGES = "train_images_sha256"   # the fingerprint key the latent cache completes (its sample keys)
+
+
+def dit_fingerprint(params: dict, stage: str, accelerator, init_sha256: str | None,
+                    train_keys: list[str] | None = None) -> Fingerprint:
+    """What this stage's weights at step n depend on (``training/checkpoint.py``); ``train_keys`` (the latent cache's
+    sample keys, content-addressed) are known only after the cache is built."""
+    return Fingerprint.of(
+        {stage: params[stage], "model": params["model"], "rope": params["rope"], "objective": params["objective"],
+         "loss": params["loss"], "seed": params["seed"], "precision": accelerator.mixed_precision,
+         "init_weights_sha256": init_sha256,
+         TRAIN_IMAGES: sha256_json(train_keys) if train_keys is not None else None},
+        world={"num_processes": accelerator.num_processes, "distributed": str(accelerator.distributed_type)})
+
+
+def check_dit_disk(params: dict, stage: str, accelerator, ckpt: Checkpointer, out_dir: Path,
+                   init_transformer: Path | None) -> None:
+    """Room for ``keep_checkpoints`` + 1 checkpoints and the final weights, before the cache is built."""
+    from ultraflux.models.transformer import parameter_count
+
+    def check() -> None:
+        n = parameter_count(params["model"], init_transformer)
+        per = checkpoint_bytes(n, n, mixed_precision=accelerator.mixed_precision != "no")
+        keep_key = f"{stage}.keep_checkpoints"
+        check_disk_space(stage, disk_needs(keep_key, ckpt.dir, Path(out_dir), per, n * 4,
+                                           params[stage]["keep_checkpoints"], len(ckpt.checkpoints())), keep_key)
+    decided_by_main(accelerator, check)
+
+
+def write_curves(out_dir: Path, state: TrainState) -> None:
+    """``loss.csv`` and ``val_loss.csv`` from the run's history (atomically; a full disk is named)."""
+    with naming_disk_full(out_dir, "the loss curves"):
+        with atomic_path(out_dir / "loss.csv") as tmp:
+            pd.DataFrame(state.history).to_csv(tmp, index=False)
+        with atomic_path(out_dir / "val_loss.csv") as tmp:
+            pd.DataFrame(state.val_history, columns=["step", *VAL_COLUMNS]).to_csv(tmp, index=False)
+
+
+def _grad_norm(model, clipped) -> float | None:
+    """The step's global gradient norm: what clipping returned, or (DeepSpeed: the engine clips) the engine's."""
+    if clipped is None and hasattr(model, "get_global_grad_norm"):
+        clipped = model.get_global_grad_norm()
+    return None if clipped is None else float(clipped)
+
+
 def sample_noise_and_sigmas(indices: list[int], shape, seed: int, first: int, cfg: dict):
     """Noise [B, C, H, W] and sigmas [B] for the images ``indices`` at sample positions ``first``, ``first + 1``, ...
 
@@ -91,10 +145,10 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
               on_batch=None, on_end=None) -> dict:
     """Train one stage; writes ``out_dir/transformer`` (diffusers format), ``out_dir/loss.csv``, ``val_loss.csv``.
 
-    Resumes from the newest checkpoint in ``ckpt_dir`` whose fingerprint matches (see ``training/checkpoint.py``);
-    the resumed run ends with the same weights as an uninterrupted one. ``on_batch(step, micro, rank, indices)``
-    is called for every micro-batch and ``on_end(rank, model)`` on every rank with the trained (unwrapped) model;
-    tests record each rank's shard and weights with them.
+    Resumes from the newest checkpoint in ``ckpt_dir`` at or below ``steps`` whose trajectory matches (see
+    ``training/checkpoint.py``); the resumed run ends with the same weights as an uninterrupted one.
+    ``on_batch(step, micro, rank, indices)`` is called for every micro-batch and ``on_end(rank, model)`` on every
+    rank with the trained (unwrapped) model; tests record each rank's shard and weights with them.
     """
     from ultraflux.models.transformer import build_transformer, load_transformer
 
@@ -109,6 +163,11 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     train_rows, val_rows = select_rows(manifest, cfg["subset"]), holdout_rows(manifest, val_cfg["images"])
     if train_rows.empty:
         raise ValueError(f"{stage}: subset '{cfg['subset']}' of {curated_dir}/manifest.parquet is empty")
+    # 0. Before any work: the checkpoints' trajectory and world size (all but the data keys), then disk space.
+    init_sha = sha256_file(Path(init_transformer) / WEIGHTS_FILE) if init_transformer else None
+    ckpt = Checkpointer(ckpt_dir, stage, cfg["keep_checkpoints"], accelerator)
+    ckpt.reconcile(dit_fingerprint(params, stage, accelerator, init_sha), cfg["steps"], pending=(TRAIN_IMAGES,))
+    check_dit_disk(params, stage, accelerator, ckpt, out_dir, init_transformer)
 
     # 1. Frozen encoders -> latent cache: every process encodes its share of the missing samples on its device.
     t0 = time.perf_counter()
@@ -132,12 +191,14 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     train_set, val_set = cache.dataset([k for k, _ in kept]), cache.dataset(val_keys)
 
     # 2. Model, optimizer, accelerate.
-    transformer = (load_transformer(init_transformer, params["rope"]) if init_transformer
+    transformer = (load_transformer(init_transformer, params["rope"], rope_from="params") if init_transformer
                    else build_transformer(params["model"], params["rope"], seed=seed))
     if gradient_checkpointing(cfg["gradient_checkpointing"], f"{stage}.gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
+    apply_lora(transformer, cfg.get("lora"), seed)   # LoRA (training/lora.py): only the adapter trains; null = full
     transformer.train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    trainable = [p for p in transformer.parameters() if p.requires_grad]   # the adapter only, under LoRA
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     _configure_deepspeed(accelerator, batch_size, max_grad_norm)
     transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
@@ -146,18 +207,14 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     # 3. Resume: accelerate restores models, optimizer, RNGs and the registered TrainState; the sampler follows.
     sampler = BucketBatchSampler([b for _, b in kept], batch_size, seed, accelerator.process_index,
                                  accelerator.num_processes, grad_accum)
-    fingerprint = sha256_json({"stage": params[stage], "model": params["model"], "rope": params["rope"],
-                               "objective": params["objective"], "loss": params["loss"], "seed": seed,
-                               "validation": val_cfg, "data": sha256_json([[k for k, _ in kept], val_keys]),
-                               "init": sha256_file(Path(init_transformer) / "diffusion_pytorch_model.safetensors")
-                               if init_transformer else None, "world": accelerator.num_processes,
-                               "distributed": str(accelerator.distributed_type)})
+    ckpt.reconcile(dit_fingerprint(params, stage, accelerator, init_sha, [k for k, _ in kept]), cfg["steps"])
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    ckpt = Checkpointer(ckpt_dir, fingerprint, cfg["keep_checkpoints"], accelerator)
-    if (latest := ckpt.latest()) is not None:
-        ckpt.load(accelerator, latest)
-        accelerator.print(f"{stage}: resumed from {latest} at step {state.step}")
+    ema_cfg = cfg.get("ema")   # EMA (training/ema.py): checkpointed with the rest; null = off
+    ema = make_ema(ema_cfg, accelerator.unwrap_model(transformer))
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)   # before the resume, which restores it
+    ckpt.resume(accelerator, state, cfg["steps"])
     sampler.seek(state.step * grad_accum)
     workers = int(cache_cfg["num_workers"])
     batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
@@ -165,6 +222,11 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
                               pin_memory=torch.cuda.is_available()))
 
     def run_validation(step: int) -> None:
+        use_ema = bool(ema_cfg and ema_cfg["use_for_validation"])
+        with rng_neutral(), swapped_in(ema, accelerator.unwrap_model(transformer), use_ema):
+            validate_and_sample(step)   # how often validation runs must not change the trajectory
+
+    def validate_and_sample(step: int) -> None:
         if len(val_set):
             record = validate(accelerator, accelerator.unwrap_model(transformer), val_set, params, step, model_dtype)
             state.val_history.append(record)
@@ -185,6 +247,7 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
         t0 = time.perf_counter()
         logs_acc: dict[str, float] = {}
         loss_sum = torch.zeros((), device=device)
+        grad_norm = None
         for micro in range(grad_accum):
             batch = next(batches)
             indices = batch["index"].tolist()
@@ -201,22 +264,25 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
                                         batch["pooled"].to(device, non_blocking=True), model_dtype)
                 loss, logs = dit_loss(pred, noise, x0, sigmas, params["objective"], params["loss"])
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and max_grad_norm:
-                    accelerator.clip_grad_norm_(transformer.parameters(), max_grad_norm)  # DeepSpeed: engine clips
+                if accelerator.sync_gradients:   # no max_grad_norm: the norm only (a factor of 1.0)
+                    grad_norm = accelerator.clip_grad_norm_(transformer.parameters(), max_grad_norm or float("inf"))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / grad_accum
-        state.step += 1
         # the step's loss and loss terms: mean over its grad_accum micro-batches and over processes (= the global batch)
         names = sorted(logs_acc)
         reduced = accelerator.reduce(torch.tensor([float(loss_sum) / grad_accum] + [logs_acc[k] for k in names],
                                                   device=device, dtype=torch.float64), "mean").tolist()
         loss_value, logs_acc = reduced[0], dict(zip(names, reduced[1:]))
+        grad_norm = _grad_norm(transformer, grad_norm)
+        check_finite(stage, state.step + 1, loss_value, grad_norm, scheduler.get_last_lr()[0], ckpt.latest())
+        state.step += 1
+        ema_update(ema, ema_cfg, state.step, accelerator.unwrap_model(transformer))
         dt = time.perf_counter() - t0
-        record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+        record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                   "samples_per_s": batch_size * grad_accum * accelerator.num_processes / dt, "step_time_s": dt,
                   **{k: v for k, v in logs_acc.items() if k != "loss"}, **peak_memory()}
         state.history.append(record)
@@ -237,12 +303,17 @@ def train_dit(params: dict, stage: str, curated_dir: Path, vae_dir: Path, out_di
     state_dict = accelerator.get_state_dict(transformer)   # collective under ZeRO-3; plain gather otherwise
     out_dir = Path(out_dir)
     if main:
-        with atomic_path(out_dir / "transformer") as tmp:
-            accelerator.unwrap_model(transformer).save_pretrained(tmp, state_dict=state_dict)
-        with atomic_path(out_dir / "loss.csv") as tmp:
-            pd.DataFrame(state.history).to_csv(tmp, index=False)
-        with atomic_path(out_dir / "val_loss.csv") as tmp:
-            pd.DataFrame(state.val_history, columns=["step", *VAL_COLUMNS]).to_csv(tmp, index=False)
+        from ultraflux.models.transformer import write_weights_config
+
+        with naming_disk_full(out_dir / "transformer", f"{stage} final weights"):
+            with atomic_path(out_dir / "transformer") as tmp:
+                save_trained(accelerator.unwrap_model(transformer), state_dict, tmp, cfg.get("lora"))
+                write_weights_config(tmp, params["rope"])
+                if ema is not None:   # the averaged weights beside the trained ones
+                    with swapped_in(ema, accelerator.unwrap_model(transformer)) as averaged:
+                        save_trained(averaged, averaged.state_dict(), tmp / "ema", cfg.get("lora"))
+                    write_weights_config(tmp / "ema", params["rope"])
+        write_curves(out_dir, state)
     accelerator.wait_for_everyone()
     losses = [r["loss"] for r in state.history]
     tail = losses[-max(1, len(losses) // 4):]

@@ -4,7 +4,7 @@ Rectified flow (Flux): x_t = (1 - sigma) * x0 + sigma * noise, target velocity v
 Timesteps are *indices into the scheduler's descending table*: ``FlowMatchEulerDiscreteScheduler`` with 1000 train
 steps lists t = 1000, 999, ..., 1 (index 0 is sigma = 1, pure noise), then applies the static shift
 sigma' = s * sigma / (1 + (s - 1) * sigma). So stage 2's range 0-459 (seed Table 3) is the high-noise end, unshifted
-sigma in [0.541, 1.0]. ``timestep_reading: sigma_ascending`` is the other reading (index = 1000 * sigma).
+sigma in [0.541, 1.0].
 """
 from __future__ import annotations
 
@@ -14,18 +14,17 @@ from diffusers import FluxPipeline
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def sigma_table(shift: float, reading: str = "scheduler_index") -> torch.Tensor:
-    """sigma for each timestep index 0..999 (float64)."""
+def sigma_table(shift: float) -> torch.Tensor:
+    """sigma for each timestep index 0..999 of the scheduler's descending table (float64)."""
     t = torch.arange(NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
-    sigma = (NUM_TRAIN_TIMESTEPS - t) / NUM_TRAIN_TIMESTEPS if reading == "scheduler_index" else (t + 1) / NUM_TRAIN_TIMESTEPS
+    sigma = (NUM_TRAIN_TIMESTEPS - t) / NUM_TRAIN_TIMESTEPS
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def sample_sigmas(batch: int, t_min: int, t_max: int, shift: float, generator: torch.Generator,
-                  reading: str = "scheduler_index") -> torch.Tensor:
+def sample_sigmas(batch: int, t_min: int, t_max: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """Uniform timestep indices in [t_min, t_max] mapped through the shifted table."""
     idx = torch.randint(t_min, t_max + 1, (batch,), generator=generator)
-    return sigma_table(shift, reading)[idx].float()
+    return sigma_table(shift)[idx].float()
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ prints it for N = 8 next to what one emulated rank measures.
 from __future__ import annotations
 
 GIB = 2**30
-CHECKPOINTING_CHOICES = ("auto", True, False)
 
 
 def gradient_checkpointing(value, key: str = "gradient_checkpointing") -> bool:

@@ -26,9 +26,10 @@ so the crops are deterministic by seed and a resumed run needs only its step.
 Checkpoints (``ckpt_dir``): every ``checkpoint_every`` steps accelerate's ``save_state`` writes the decoder,
 discriminator, both optimizers, the RNG states and the registered :class:`TrainState` (step, loss history, initial
 metrics), in the ``training/checkpoint.py`` layout shared with the DiT loop; a re-run resumes (``load_state``) and ends
-with the same weights as an uninterrupted run. Held-out PSNR / SSIM / NMSE (``ultraflux.evaluation.reconstruction``,
-the seed Table 2 columns that need no learned weights) on the first ``eval_images`` held-out images every
-``eval_every`` steps.
+with the same weights as an uninterrupted run, also after ``steps`` was raised. The disk check, the stop on a
+non-finite loss or gradient norm and the RNG-neutral evaluations are the DiT loop's (``training/loop.py``). Held-out
+PSNR / SSIM / NMSE (``ultraflux.evaluation.reconstruction``, the seed Table 2 columns that need no learned weights)
+on the first ``eval_images`` held-out images every ``eval_every`` steps.
 """
 from __future__ import annotations
 
@@ -48,13 +49,14 @@ from tqdm import tqdm
 from ultraflux.data.shards import load_image_tensor
 from ultraflux.distributed import average_gradients, init_cpu_group, mean_over_processes
 from ultraflux.evaluation.reconstruction import reconstruction_metrics
-from ultraflux.io import atomic_path, sha256_file, sha256_json
-from ultraflux.training.checkpoint import Checkpointer, TrainState
+from ultraflux.io import atomic_path, naming_disk_full, sha256_file, sha256_json
+from ultraflux.models.lpips import LPIPS_BACKBONE_FILE, load_lpips  # noqa: F401 - LPIPS_BACKBONE_FILE for tests
+from ultraflux.training.checkpoint import Checkpointer, Fingerprint, TrainState
+from ultraflux.training.loop import (check_disk_space, check_finite, checkpoint_bytes, disk_needs, grad_norm_of,
+                                     rng_neutral)
 from ultraflux.training.layout import stage_layout
 
 PERCEPTUAL_STANDIN = "standin:1-ssim (no LPIPS weights)"
-LPIPS_BACKBONE_FILE = "vgg16-397923af.pth"   # torchvision's ImageNet VGG16 (the LPIPS backbone)
-LPIPS_HEADS_FILE = "vgg.pth"                 # the LPIPS v0.1 linear heads (shipped in the lpips package)
 
 
 ROW_COLUMNS = ["id", "shard", "key", "offset", "nbytes", "image", "width", "height"]   # what a crop needs of a row
@@ -154,34 +156,6 @@ def holdout_crops(rows: pd.DataFrame, curated_dir: Path, size: int) -> Iterator[
 
 
 # --------------------------------------------------------------------------------------------- perceptual term
-def load_lpips(weights_dir: str | Path) -> nn.Module:
-    """Frozen LPIPS(VGG) from local files only: ``<dir>/vgg16-397923af.pth`` (backbone) and ``<dir>/vgg.pth`` (heads,
-    optional: the lpips package ships them). Raises a RuntimeError that says what is missing; never downloads."""
-    weights_dir = Path(weights_dir)
-    backbone = weights_dir / LPIPS_BACKBONE_FILE
-    if not backbone.is_file():
-        raise RuntimeError(f"vae_train.lpips_weights={weights_dir}: no {LPIPS_BACKBONE_FILE} there (torchvision's "
-                           f"ImageNet VGG16 weights); set lpips_weights: \"\" to use the {PERCEPTUAL_STANDIN} stand-in")
-    try:
-        import lpips
-    except ImportError as e:   # lpips imports torchvision; PyPI's torchvision breaks beside the CPU torch wheel
-        raise RuntimeError("vae_train.lpips_weights is set but the `lpips` package (and torchvision) cannot be "
-                           f"imported ({e}); install the `vision` extra (pip install -e .[vision]) with a torchvision "
-                           "matching this torch, or set lpips_weights: \"\" for the stand-in") from e
-    heads = weights_dir / LPIPS_HEADS_FILE
-    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, model_path=str(heads) if heads.is_file() else None,
-                        verbose=False)
-    # LPIPS' VGG is torchvision's ``vgg16().features`` cut into slices that keep the layer indices as names.
-    src = torch.load(backbone, map_location="cpu", weights_only=True)
-    dst = model.net.state_dict()
-    mapped = {}
-    for key in dst:                                   # "slice2.5.weight" <- "features.5.weight"
-        _, idx, param = key.split(".")
-        mapped[key] = src[f"features.{idx}.{param}"]
-    model.net.load_state_dict(mapped, strict=True)
-    return model.requires_grad_(False).eval()
-
-
 def perceptual_loss(recon: torch.Tensor, target: torch.Tensor, lpips_model=None) -> torch.Tensor:
     """Differentiable in ``recon``: a training loss (no ``no_grad``; LPIPS weights frozen, not its input)."""
     if lpips_model is not None:
@@ -225,6 +199,17 @@ def generator_adv_loss(disc: nn.Module, recon: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- training
+def check_vae_disk(cfg: dict, ckpt: Checkpointer | None, out_dir: Path, models: list, trainable: list) -> None:
+    """Room for ``keep_checkpoints`` + 1 checkpoints (all weights + AdamW state) and the final VAE, before training."""
+    n = sum(p.numel() for m in models if m is not None for p in m.parameters())
+    per = checkpoint_bytes(n, sum(p.numel() for p in trainable))
+    final = sum(p.numel() for p in models[0].parameters()) * 4
+    keep = "vae_train.keep_checkpoints"
+    check_disk_space("vae", disk_needs(keep, ckpt.dir if ckpt else None, out_dir, per, final,
+                                       int(cfg.get("keep_checkpoints", 2)), len(ckpt.checkpoints()) if ckpt else 0),
+                     keep)
+
+
 def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progress: bool = True,
               ckpt_dir: Path | None = None, on_step=None) -> dict:
     """Post-train the decoder; writes ``out_dir/vae`` (diffusers format) and ``out_dir/loss.csv``.
@@ -282,12 +267,13 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     accelerator.register_for_checkpointing(state)
     ckpt = None
     if ckpt_dir is not None:
-        fingerprint = sha256_json({"vae_train": cfg, "model": params["model"], "seed": seed,
-                                   "manifest": sha256_file(curated_dir / "manifest.parquet")})
-        ckpt = Checkpointer(ckpt_dir, fingerprint, cfg.get("keep_checkpoints", 2), accelerator)
-        if (latest := ckpt.latest()) is not None:
-            ckpt.load(accelerator, latest)
-            print(f"vae: resumed from {latest} at step {state.step}")
+        ckpt = Checkpointer(ckpt_dir, "vae", cfg.get("keep_checkpoints", 2), accelerator)
+        ckpt.reconcile(Fingerprint.of({"vae_train": cfg, "model": params["model"], "seed": seed,
+                                       "manifest_sha256": sha256_file(curated_dir / "manifest.parquet")},
+                                      world={"num_processes": accelerator.num_processes}), cfg["steps"])
+    check_vae_disk(cfg, ckpt, out_dir, [vae, disc], trainable + (list(disc.parameters()) if disc is not None else []))
+    if ckpt is not None:
+        ckpt.resume(accelerator, state, cfg["steps"])
     every = int(cfg.get("checkpoint_every", 100))
     sampler = CropSampler(list(zip(train_rows["width"].astype(int), train_rows["height"].astype(int))),
                           batch_size, size, seed, accelerator.process_index, accelerator.num_processes, accum)
@@ -296,8 +282,10 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
                             prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available()))
 
     def holdout_metrics() -> dict:
-        return reconstruction_metrics(vae.eval(), holdout_crops(holdout_rows, curated_dir, size)) \
-            if len(holdout_rows) else {}
+        if not len(holdout_rows):
+            return {}
+        with rng_neutral():    # how often evaluation runs must not change the trajectory
+            return reconstruction_metrics(vae.eval(), holdout_crops(holdout_rows, curated_dir, size))
 
     if "before" not in state.extra:   # metrics of the initial decoder (a resumed run takes them from its checkpoint)
         state.extra["before"] = holdout_metrics()
@@ -337,6 +325,9 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
                 sums[k] += float(v.detach()) / accum
         average_gradients(trainable)
         sums = mean_over_processes(sums)
+        grad_norm = grad_norm_of(trainable)
+        check_finite("vae", step, sums["loss"], grad_norm, optimizer.param_groups[0]["lr"],
+                     ckpt.latest() if ckpt is not None else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if use_adv:                               # discriminator step on the detached reconstructions
@@ -349,7 +340,7 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
             opt_d.zero_grad(set_to_none=True)
         state.step = step
         record = {"step": step, **sums, "images_per_s": cfg["global_batch"] / (time.perf_counter() - t0),
-                  "lr": optimizer.param_groups[0]["lr"]}
+                  "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
         if len(holdout_rows) and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
             record.update({f"holdout_{k}": v for k, v in holdout_metrics().items()})
         state.history.append(record)
@@ -366,10 +357,11 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
 
     vae = accelerator.unwrap_model(vae)
     if accelerator.is_main_process:   # the ranks hold the same weights; one writes them
-        with atomic_path(out_dir / "vae") as tmp:
-            vae.eval().save_pretrained(tmp)
-        with atomic_path(out_dir / "loss.csv") as tmp:
-            pd.DataFrame(state.history).to_csv(tmp, index=False)
+        with naming_disk_full(out_dir, "vae final weights and loss curve"):
+            with atomic_path(out_dir / "vae") as tmp:
+                vae.eval().save_pretrained(tmp)
+            with atomic_path(out_dir / "loss.csv") as tmp:
+                pd.DataFrame(state.history).to_csv(tmp, index=False)
     after = holdout_metrics()
     return {"final_loss": state.history[-1]["loss"] if state.history else float("nan"),
             "num_train_images": len(train_rows), "num_holdout_images": len(holdout_rows),
