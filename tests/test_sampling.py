@@ -57,7 +57,7 @@ def test_pipeline_uses_f16_scale(model_dirs):
     assert pipe.transformer.pos_embed.kind == params["rope"]["kind"]
     assert pipe.scheduler.config.shift == params["dit_stage2"]["shift"]
     assert not pipe.scheduler.config.use_dynamic_shifting
-    assert pipe.placement == {"device": "cpu", "dtype": "float32", "offload": "none"}
+    assert pipe.placement == {"device": "cpu", "dtype": "float32", "offload": "none", "memory": "none"}
 
 
 @pytest.mark.parametrize("aspect", ["1:1", "2:1", "1:2.39"])
