@@ -191,6 +191,9 @@ def test_generate_cli(model_dirs, tmp_path):
     assert Image.open(out).size == (info["width"], info["height"]) == bucket_table(0.125)["16:9"]
     assert (info["vae_tiled"], info["vae_decode"], info["offload"], info["device"]) == (True, "partitioned", "none",
                                                                                        "cpu")
+    # it says which weights and RoPE it used
+    assert info["transformer"] == str((root / "transformer").resolve()) and info["vae"] == str((root / "vae").resolve())
+    assert info["rope"].startswith(params["rope"]["kind"])
 
 
 def test_generate_cli_rejects_unknown_aspect(model_dirs, tmp_path):

@@ -91,6 +91,33 @@ def launch_problems(params: dict, stage: str) -> list[str]:
     return problems
 
 
+def cuda_gpus() -> int:
+    """CUDA devices this process sees (0 without a GPU or without a CUDA build of torch)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def machine_problems(params: dict, gpus: int | None = None) -> list[str]:
+    """Does this machine have what the params ask for? Checked by ``ultraflux params check`` and before a stage
+    starts: real weights (``model.pretrained``, e.g. the paper profile's 12B FLUX.1) on a machine without a CUDA GPU,
+    or more processes per machine than it has GPUs. The embedded CPU profile (tiny models, CPU processes) passes."""
+    launch, pretrained = params["launch"], params["model"]["pretrained"]
+    per_machine = int(launch["processes"])
+    if not pretrained and per_machine == 1:
+        return []
+    gpus = cuda_gpus() if gpus is None else gpus
+    hint = (f"`ultraflux plan --gpus {max(1, per_machine)}` prints what this profile needs per GPU; on this machine "
+            "keep the embedded profile (model.pretrained: \"\", launch.processes: 1)")
+    if pretrained and gpus == 0:
+        return [f"model.pretrained = {pretrained!r} is a full-size transformer and this machine has no CUDA GPU "
+                f"(launch.processes = {per_machine} asks for {per_machine}): {hint}"]
+    if gpus and per_machine > gpus:
+        return [f"launch.processes = {per_machine} processes per machine but this machine has {gpus} CUDA GPU(s): "
+                f"set launch.processes to at most {gpus}, or run where there are {per_machine}; {hint}"]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ultraflux.launch",
                                  description="start a stage on launch.processes x launch.num_machines processes")
@@ -102,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_validated(args.params)
-        if problems := launch_problems(params, args.stage):
+        if problems := launch_problems(params, args.stage) + machine_problems(params):
             raise ParamsError(problems, args.params)
     except ParamsError as e:
         print(f"[{args.stage}] {e}", file=sys.stderr)

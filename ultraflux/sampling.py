@@ -128,4 +128,6 @@ def generate_file(params: dict, transformer_dir: str | Path, vae_dir: str | Path
     with atomic_path(out, Path(out).suffix) as tmp:
         img.save(tmp)
     return {"out": str(out), "width": width, "height": height, "seed": seed,
+            "transformer": str(Path(transformer_dir).resolve()), "vae": str(Path(vae_dir).resolve()),
+            "rope": pipe.transformer.pos_embed.describe(),
             "vae_tiled": pipe.last_decode["tiled"], "vae_decode": pipe.last_decode["mode"], **pipe.placement}

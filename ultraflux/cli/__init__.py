@@ -57,10 +57,15 @@ def cli_params(argv: list[str]) -> int:
     from ultraflux.config import ParamsError, load_validated
 
     try:
-        load_validated(args.params)
+        params = load_validated(args.params)
     except ParamsError as e:
         print(e, file=sys.stderr)
         return 2
+    from ultraflux.launch import machine_problems
+
+    if problems := machine_problems(params):   # valid, but not for this machine
+        print(f"{args.params}: valid, but not on this machine:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 3
     print(f"{args.params}: ok")
     return 0
 
