@@ -434,11 +434,13 @@ def test_sigterm_stops_the_grid_cleanly(grid):
     """SIGTERM while a cell trains: the workers are stopped (none left), the cell is marked interrupted in a partial
     table, its MLflow parent is not left RUNNING, and the command exits 128 + 15."""
     import signal
+    import sys
 
     repo, env = grid["repo"], grid["env"]
-    proc = subprocess.Popen("ultraflux ablation --poll 1 --variants C --suffix stop -S dit_stage1.steps=400",
-                            cwd=repo, env=env, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=False)
+    ultraflux = str(Path(sys.executable).with_name("ultraflux"))   # no shell between us and the signal
+    proc = subprocess.Popen([ultraflux, "ablation", "--poll", "1", "--variants", "C", "--suffix", "stop", "-S",
+                             "dit_stage1.steps=400"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     lines = []
     t0 = time.time()
     for line in proc.stdout:  # wait until the cell runs, then give its stages a few seconds

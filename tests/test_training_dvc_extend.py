@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 WEIGHTS = "outputs/dit_stage1/transformer/diffusion_pytorch_model.safetensors"
 TINY = {"data.synthetic.num_images": 32, "vae_train.steps": 2, "vae_train.eval_images": 2,
         "vae_train.checkpoint_every": 2, "validation.images": 2, "validation.prompts": [],
-        "dit_stage1.steps": 4, "dit_stage1.val_every": 2, "dit_stage1.checkpoint_every": 2,
+        "dit_stage1.steps": 4, "dit_stage1.global_batch": 1, "dit_stage1.val_every": 2, "dit_stage1.checkpoint_every": 2,
         "dit_stage1.keep_checkpoints": 2}
 
 

@@ -119,8 +119,8 @@ def check_params_stage(params_path: str = "params.yaml") -> None:
     try:
         load_validated(params_path)
     except ParamsError as e:
-        print(f"[params] {e}\n[params] nothing was run and no output was removed; fix the file and run again",
-              file=sys.stderr)
+        print("[params] nothing was run and no output was removed; fix the file and run again", file=sys.stderr)
+        print(f"[params] {e}", file=sys.stderr)   # last: what a queued experiment's failure reason quotes
         raise SystemExit(2)
     write_json(RESULTS_DIR / "params.json", {"params": "valid"})
 
