@@ -180,7 +180,8 @@ def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int
 def stop_all(repo: Path, ids: dict[str, str], settle: float = 60.0, poll: float = 1.0) -> dict[str, str]:
     """Stop the grid: remove our queued tasks, kill our running ones, stop DVC's queue workers (``dvc queue stop
     --kill``), and wait up to ``settle`` seconds until no worker is left. Returns each cell's last queue state."""
-    states = {L: queue_status(repo).get(t, ("", "missing"))[1] for L, t in ids.items()}
+    current = queue_status(repo)   # one `dvc queue status` for all cells (each call is a dvc process)
+    states = {L: current.get(t, ("", "missing"))[1] for L, t in ids.items()}
     for L, t in ids.items():
         if states[L] == "Queued":
             _dvc(["queue", "remove", t], repo, check=False)
