@@ -22,7 +22,8 @@ Paths (``<name>`` is any word; the same name always gives the same image):
 ==========================  =================================================================================
 
 Every request waits ``latency_s`` first (the benchmark's injected latency) and is logged (``requests``: paths in
-arrival order; ``count(path)``). Run in a thread (:class:`FaultServer`) or as a process:
+arrival order; ``count(path)``). ``hold("/img/", after=4)`` makes every later request under that prefix wait until
+``release()`` (``held`` counts the waiting ones): a test can kill a client while it is surely mid-download. Run in a thread (:class:`FaultServer`) or as a process:
 ``python tests/fault_server.py --latency 0.05`` prints ``port <n>`` and serves until killed.
 """
 from __future__ import annotations
@@ -74,6 +75,11 @@ class _Handler(BaseHTTPRequestHandler):
         with state["lock"]:
             state["requests"].append(path)
             seen = state["requests"].count(path)
+            prefix, after, gate = state["hold"]
+            held = bool(prefix) and path.startswith(prefix) and sum(p.startswith(prefix) for p in state["requests"]) > after
+            state["held"] += held
+        if held:
+            gate.wait()
         if state["latency_s"]:
             time.sleep(state["latency_s"])
         kind, _, name = path.strip("/").partition("/")
@@ -173,7 +179,7 @@ class FaultServer:
 
     def __init__(self, latency_s: float = 0.0, slow_s: float = 3.0, big_bytes: int = 3 << 20):
         self.state = {"lock": threading.Lock(), "requests": [], "latency_s": latency_s, "slow_s": slow_s,
-                      "big_bytes": big_bytes}
+                      "big_bytes": big_bytes, "hold": ("", 0, threading.Event()), "held": 0}
         self._server = _Server(self.state)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -189,11 +195,27 @@ class FaultServer:
     def count(self, path: str) -> int:
         return self.requests.count(path)
 
+    def hold(self, prefix: str, after: int) -> None:
+        """Requests under ``prefix`` past the first ``after`` wait until :meth:`release`."""
+        with self.state["lock"]:
+            self.state["hold"] = (prefix, after, threading.Event())
+
+    def release(self) -> None:
+        with self.state["lock"]:
+            self.state["hold"][2].set()
+            self.state["hold"] = ("", 0, threading.Event())
+
+    @property
+    def held(self) -> int:
+        with self.state["lock"]:
+            return self.state["held"]
+
     def __enter__(self) -> "FaultServer":
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
         self._server.shutdown()
         self._server.server_close()
 

@@ -56,16 +56,18 @@ def test_dvc_repro_download_kill_resume_and_curate_on_released_scores(tmp_path):
         subprocess.run("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init",
                        cwd=repo, shell=True, check=True)
 
+        server.hold("/img/", after=4)  # later images wait: the kill surely lands mid-download, whatever the load
         proc = subprocess.Popen(["dvc", "repro", "curate"], cwd=repo, env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 240
-        while sum(p.startswith("/img/") for p in server.requests) < 4 and time.time() < deadline:
+        while not (server.held and any(cache.rglob("*.res.json"))) and time.time() < deadline:
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             time.sleep(0.02)
         stage = stage_process(proc)
         assert stage is not None, "the download stage is not running"
         stage.send_signal(signal.SIGKILL)  # kill -9 mid-download
         out = proc.communicate()[0]
+        server.release()
         assert proc.returncode != 0, out[-2000:]
         done = {json.loads(p.with_name(p.name.replace(".res.json", ".meta.json")).read_text())["url"]
                 for p in cache.rglob("*.res.json")}
