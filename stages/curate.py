@@ -23,4 +23,4 @@ def main(params, logger):
 
 
 if __name__ == "__main__":
-    run_stage("curate", main)
+    sys.exit(run_stage("curate", main))

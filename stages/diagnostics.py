@@ -2,6 +2,7 @@
 
 Fig. 3 streams at most ``diagnostics.max_latents`` curated images (seed Sec. 4: 400) through the post-trained VAE.
 """
+import sys
 from pathlib import Path
 
 from ultraflux.stage import run_stage
@@ -28,4 +29,4 @@ def main(params, logger):
 
 
 if __name__ == "__main__":
-    run_stage("diagnostics", main)
+    sys.exit(run_stage("diagnostics", main))

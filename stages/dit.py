@@ -39,4 +39,4 @@ if __name__ == "__main__":
     stage = sys.argv[1] if len(sys.argv) > 1 else ""
     if stage not in ("dit_stage1", "dit_stage2"):
         raise SystemExit("usage: python stages/dit.py dit_stage1|dit_stage2")
-    run_stage(stage, main(stage), checks=[weights_rope])
+    sys.exit(run_stage(stage, main(stage), checks=[weights_rope]))

@@ -25,4 +25,4 @@ def main(params, logger):
 
 
 if __name__ == "__main__":
-    run_stage("download", main)
+    sys.exit(run_stage("download", main))

@@ -1,4 +1,5 @@
 """DVC stage `evaluate`: VAE reconstruction (seed Table 2) and generation metrics per aspect ratio (Table 5)."""
+import sys
 from pathlib import Path
 
 from ultraflux.stage import run_stage
@@ -11,4 +12,4 @@ def main(params, logger):
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    sys.exit(run_stage("evaluate", main))

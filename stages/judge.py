@@ -1,5 +1,6 @@
 """DVC stage `judge`: Gemini pairwise preference (seed Sec. 11), stage-2 vs stage-1 samples; skipped without a key."""
 import json
+import sys
 from pathlib import Path
 
 from ultraflux.stage import TIMING_KEY, run_stage
@@ -27,4 +28,4 @@ def main(params, logger):
 
 
 if __name__ == "__main__":
-    run_stage("judge", main)
+    sys.exit(run_stage("judge", main))

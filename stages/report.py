@@ -1,4 +1,5 @@
 """DVC stage `report`: one HTML file with this run's tables, sample grids, diagnostics and judge results."""
+import sys
 from pathlib import Path
 
 from ultraflux.stage import run_stage
@@ -15,4 +16,4 @@ def main(params, logger):
 
 
 if __name__ == "__main__":
-    run_stage("report", main)
+    sys.exit(run_stage("report", main))

@@ -5,6 +5,7 @@ Decode (tiled above sample.vae_tiling_min_pixels, partitioned for official weigh
 images are split over them (``ultraflux.sampling.sample_set``); rank 0 refines the prompts and writes prompts.json.
 """
 import json
+import sys
 from pathlib import Path
 
 from ultraflux.stage import run_stage
@@ -69,4 +70,4 @@ def weights_rope(params):
 if __name__ == "__main__":
     from ultraflux.sampling import ema_problems
 
-    run_stage("sample", main, checks=[weights_rope, ema_problems])
+    sys.exit(run_stage("sample", main, checks=[weights_rope, ema_problems]))

@@ -1,4 +1,5 @@
 """DVC stage `vae`: F16 VAE decoder post-training (seed Sec. 2.2, Table 3) -> outputs/vae/vae."""
+import sys
 from pathlib import Path
 
 from ultraflux.stage import run_stage
@@ -13,4 +14,4 @@ def main(params, logger):
 
 
 if __name__ == "__main__":
-    run_stage("vae", main)
+    sys.exit(run_stage("vae", main))

@@ -96,8 +96,7 @@ def main(job_path):
 
         os.chdir(job["stage_cwd"])
         Path("params.yaml").write_text(yaml.safe_dump(job["params"]))
-        run_stage(job["stage"], train)
-        return
+        sys.exit(run_stage(job["stage"], train))
     metrics = train(job["params"])
     if job.get("record"):
         rank = seen[0]["rank"] if seen else 0

@@ -210,6 +210,8 @@ def test_cli_rejects_bad_arguments(capsys):
         cli.main(["--variants", "AX"])
     with pytest.raises(SystemExit):
         cli.main(["--jobs", "0"])
+    with pytest.raises(SystemExit):
+        cli.main(["--suffix", "two words"])
 
 
 # ------------------------------------------------------------------------------------------------ slow: real DVC

@@ -148,3 +148,43 @@ def test_every_imported_package_is_declared():
         if not names & (required | optional):
             undeclared[module] = sorted(names) or ["(not installed)"]
     assert not undeclared, f"imported by ultraflux but not declared in pyproject.toml: {undeclared}"
+
+
+def _is(node, module: str, attr: str) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.value, ast.Name) \
+        and node.value.id == module
+
+
+def process_global_uses(source: str) -> list[str]:
+    """``os.chdir``, ``sys.exit``, ``sys.path.<method>(...)`` / ``sys.path = ...`` and ``raise SystemExit``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            if isinstance(exc, ast.Name) and exc.id == "SystemExit":
+                found.append((node.lineno, "raise SystemExit (ends the caller's process)"))
+        elif _is(node, "os", "chdir") or _is(node, "sys", "exit"):
+            found.append((node.lineno, f"{node.value.id}.{node.attr} (moves every thread / ends the process)"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and _is(node.func.value, "sys", "path"):
+            found.append((node.lineno, f"sys.path.{node.func.attr} (edits the import path)"))
+        elif isinstance(node, ast.Assign) and any(_is(t, "sys", "path") for t in node.targets):
+            found.append((node.lineno, "sys.path = (edits the import path)"))
+    return [f"line {n}: {what}" for n, what in sorted(found)]
+
+
+def test_process_global_finder_sees_each_kind():
+    src = "import os, sys\nos.chdir('x')\nsys.path.insert(0, 'y')\nraise SystemExit(2)\nprint(sys.path)\n"
+    assert [f.split(":")[0] for f in process_global_uses(src)] == ["line 2", "line 3", "line 4"]
+
+
+def test_library_leaves_process_globals_alone():
+    """Library code neither moves the working directory, edits ``sys.path`` nor ends the process: only the entry
+    points (``ultraflux/cli``, ``stages/``, ``__main__`` blocks) decide the exit status."""
+    offenders = {}
+    for path in sorted((ROOT / "ultraflux").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("ultraflux/cli/") or rel == "ultraflux/launch.py":   # entry points
+            continue
+        if found := process_global_uses(path.read_text()):
+            offenders[rel] = found
+    assert not offenders, offenders

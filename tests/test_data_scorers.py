@@ -24,18 +24,29 @@ def test_qalign_goes_through_pyiqa_with_local_weights(tmp_path, monkeypatch):
             seen.setdefault("inputs", []).append((tuple(x.shape), x.dtype, float(x.min()), float(x.max())))
             return torch.tensor([[3.0 + float(x.mean())]])
 
+    import transformers
+
+    loads = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.CLIPImageProcessor):  # record, never load
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, name, *a, **kw: loads.append((c, name))))
+
     def create_metric(name, device="cuda"):
-        # pyiqa's arch loads from_pretrained("q-future/one-align"): that name must be our local folder, offline.
-        seen.update(name=name, device=device, resolved=Path("q-future/one-align").resolve(),
-                    offline=os.environ.get("HF_HUB_OFFLINE"))
+        # as pyiqa's Q-Align arch: both loaders asked for the hub id, with no path argument
+        transformers.AutoModelForCausalLM.from_pretrained("q-future/one-align", trust_remote_code=True)
+        transformers.CLIPImageProcessor.from_pretrained("q-future/one-align")
+        transformers.CLIPImageProcessor.from_pretrained("openai/clip-vit-base-patch32")   # any other id: unchanged
+        seen.update(name=name, device=device, cwd=os.getcwd(), offline=os.environ.get("HF_HUB_OFFLINE"))
         return FakeMetric()
 
     monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
     monkeypatch.setattr(scorers, "pyiqa_available", lambda: True)
     cwd, offline = os.getcwd(), os.environ.get("HF_HUB_OFFLINE")
     scorer = scorers.make_scorer("quality", {"weights": str(weights), "batch_size": 2})
-    assert os.getcwd() == cwd and os.environ.get("HF_HUB_OFFLINE") == offline  # both restored
-    assert seen["name"] == "qalign" and seen["resolved"] == weights.resolve() and seen["offline"] == "1"
+    assert os.getcwd() == cwd == seen["cwd"] and os.environ.get("HF_HUB_OFFLINE") == offline  # nothing moved
+    assert seen["name"] == "qalign" and seen["offline"] == "1"
+    assert [name for _, name in loads] == [str(weights), str(weights), "openai/clip-vit-base-patch32"]
+    transformers.CLIPImageProcessor.from_pretrained("q-future/one-align")   # after the block: no redirect
+    assert loads[-1][1] == "q-future/one-align"
     assert scorer.name == "q-align(pyiqa):one-align" == scorers.scorer_name("quality", {"weights": str(weights)})
     images = [np.full((20, 30, 3), 255, np.uint8), np.zeros((10, 10, 3), np.uint8)]
     assert scorer.score(images) == [4.0, 3.0]
@@ -52,6 +63,7 @@ def test_artimuse_uses_the_repository_interface(tmp_path, monkeypatch):
     for folder in (code / "artimuse", code / "artimuse" / "internvl", code / "artimuse" / "internvl" / "model", pkg):
         (folder / "__init__.py").write_text("")
     (pkg / "modeling_artimuse.py").write_text(
+        "import internvl.model.internvl_chat  # ArtiMuse's own modules import internvl.… absolutely\n"
         "CALLS = []\n"
         "class InternVLChatModel:\n"
         "    @classmethod\n"
@@ -72,7 +84,7 @@ def test_artimuse_uses_the_repository_interface(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
                         classmethod(lambda cls, path, **kw: tokenizer if kw.get("use_fast") is False else None))
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    path_before = list(sys.path)
     with pytest.raises(FileNotFoundError, match="curate.aesthetic.code_dir"):
         scorers.make_scorer("aesthetic", {"weights": str(weights)})
     scorer = scorers.make_scorer("aesthetic", {"weights": str(weights), "code_dir": str(code)})
@@ -82,7 +94,9 @@ def test_artimuse_uses_the_repository_interface(tmp_path, monkeypatch):
     assert modeling_artimuse.CALLS[0][:2] == ("load", str(weights))
     assert modeling_artimuse.CALLS[1] == ("score", (1, 3, 448, 448), False)
     assert scorer.name == "artimuse:ArtiMuse" and len(out) == 1 and 49 < out[0] < 51  # ImageNet-normalised mid-grey
-    sys.modules.pop("artimuse", None)
+    assert sys.path == path_before   # imported from code_dir without editing sys.path
+    for name in [m for m in sys.modules if m.split(".")[0] in ("artimuse", "internvl")]:
+        sys.modules.pop(name)
 
 
 def test_standins_are_named_and_resolution_independent():

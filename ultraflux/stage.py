@@ -3,7 +3,8 @@
 ``run_stage(stage, fn)`` (used by every ``stages/*.py``):
 
 1. validates the whole params file against the schema (``ultraflux.config``) and checks that the stage's declared
-   outputs (dvc.yaml) are writable, all BEFORE any work; problems are printed together and the stage exits with 2;
+   outputs (dvc.yaml) are writable, all BEFORE any work; problems are printed together and the stage exits with 2
+   (``run_stage`` returns the exit status; ``stages/*.py`` pass it to ``sys.exit``);
 2. runs ``fn(params, logger)`` inside the stage's MLflow child run; an expected failure (``ultraflux.io.StageFailure``:
    a diverged run, a full disk, checkpoints of another world size) is printed as one line, the run ends FAILED with
    the reason as its ``ultraflux.error`` tag, nothing is written below and the stage exits with 1;
@@ -110,7 +111,7 @@ def headline(stage: str, result: dict) -> dict:
     return out
 
 
-def check_params_stage(params_path: str = "params.yaml") -> None:
+def check_params_stage(params_path: str = "params.yaml") -> int:
     """The ``params`` stage (dvc.yaml's first): validate the whole file. DVC removes a stage's outputs just before
     it runs that stage, so a typo must fail here, upstream of every other stage, or DVC would already have deleted
     curate's outputs when curate's own check refused the file. Its output never changes while the file is valid,
@@ -121,13 +122,15 @@ def check_params_stage(params_path: str = "params.yaml") -> None:
     except ParamsError as e:
         print("[params] nothing was run and no output was removed; fix the file and run again", file=sys.stderr)
         print(f"[params] {e}", file=sys.stderr)   # last: what a queued experiment's failure reason quotes
-        raise SystemExit(2)
+        return 2
     write_json(RESULTS_DIR / "params.json", {"params": "valid"})
+    return 0
 
 
 def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str = "params.yaml",
-              checks: Sequence[Callable[[dict], list[str]]] = ()) -> dict:
+              checks: Sequence[Callable[[dict], list[str]]] = ()) -> int:
     """Validate, run ``fn(params, logger)`` inside the stage's MLflow run, write results and metrics (module doc).
+    Returns the exit status: 0 done, 2 bad params (nothing run), 1 an expected failure (one line printed).
 
     ``checks``: the stage's own cheap checks of valid params against the world (e.g. pretrained weights' RoPE),
     each returning problems that name their keys; they run with the validation, before any work."""
@@ -140,12 +143,13 @@ def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str =
             raise ParamsError(problems, "dvc.yaml")
     except ParamsError as e:
         print(f"[{stage}] {e}", file=sys.stderr)
-        raise SystemExit(2)
+        return 2
     try:
-        return _run(stage, fn, params)
+        _run(stage, fn, params)
     except StageFailure as e:
         print(f"[{stage}] {e}", file=sys.stderr)
-        raise SystemExit(1)
+        return 1
+    return 0
 
 
 def _run(stage: str, fn: Callable[[dict, object], dict], params: dict) -> dict:

@@ -48,6 +48,9 @@ def _ignoring_signals(fn, *args):
             signal.signal(s, h)
 
 
+SUFFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._]*")   # an experiment-name suffix DVC accepts
+
+
 def run_ablation(repo: Path, jobs: int = 1, timeout: float = 7200, poll: float = 10, out: str = "outputs/ablation",
                  suffix: str = "", common: list[str] | None = None, per_cell: dict[str, list[str]] | None = None,
                  letters: str = "ABCD", mlflow: bool = True, log=print) -> tuple[int, dict[str, dict], list[dict]]:
@@ -58,12 +61,12 @@ def run_ablation(repo: Path, jobs: int = 1, timeout: float = 7200, poll: float =
     from ultraflux.config import load_params
 
     repo = Path(repo).resolve()
-    if suffix and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]*", suffix):
-        raise SystemExit(f"--suffix must be letters, digits, '.' or '_' (got {suffix!r})")
+    if suffix and not SUFFIX_RE.fullmatch(suffix):
+        raise ValueError(f"the suffix must be letters, digits, '.' or '_' (got {suffix!r})")
     try:
         baseline = dvc_queue._git(["rev-parse", "HEAD"], repo)
     except subprocess.CalledProcessError:
-        raise SystemExit("ultraflux ablation: DVC experiments need a git commit; commit the project first")
+        raise dvc_queue.DvcError("DVC experiments need a git commit; commit the project first") from None
     params = load_params(repo / "params.yaml")
     letters = [L for L in LETTERS if L in letters]
     names = [exp_name(L, suffix) for L in letters]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ultraflux.codesign import CELLS, LETTERS
 from ultraflux.ablation.dvc_queue import DvcError
-from ultraflux.ablation.run import run_ablation
+from ultraflux.ablation.run import SUFFIX_RE, run_ablation
 
 
 def _parse_cell_sets(items: list[str]) -> dict[str, list[str]]:
@@ -49,6 +49,8 @@ def main(argv: list[str]) -> int:
         ap.error("--jobs must be >= 1")
     if not set(args.variants) <= set(LETTERS) or not args.variants:
         ap.error("--variants must be letters from ABCD")
+    if args.suffix and not SUFFIX_RE.fullmatch(args.suffix):
+        ap.error(f"--suffix must be letters, digits, '.' or '_' (got {args.suffix!r})")
     try:
         code, _, _ = run_ablation(Path(args.repo), jobs=args.jobs, timeout=args.timeout, poll=args.poll,
                                   out=args.out, suffix=args.suffix, common=args.common,

@@ -56,7 +56,7 @@ from .advice import relax_advice
 from .buckets import bucket_table
 from .cache_entries import CacheEntries
 from .decode import BadImage, dct_reduction, decode_rgb, read_header
-from .engines import run_engine
+from .engines import cores, run_engine
 from .ingest import SourceError, list_sources
 from .rule import needs_too_much_upscale, texture_reason, texture_reasons
 from .select import assign_reasons, assign_split, assign_texture_rank, stage2_from_train
@@ -397,7 +397,7 @@ def score_candidates(rows: pd.DataFrame, items, params: Params, cfg: dict, progr
     qcfg, acfg = curate.quality.model_dump(), curate.aesthetic.model_dump()
     texture = texture_reasons(rows["s_flat_fraction"], rows["entropy"], cfg["flat_max_fraction"], cfg["entropy_min"])
     cheap_ok = (rows["error"] == "") & (rows["caption_error"] == "") & (texture == "")
-    workers = 1 if curate.engine != "local" else max(1, min(4, int(curate.workers or os.cpu_count() or 1)))
+    workers = 1 if curate.engine != "local" else max(1, min(4, int(curate.workers or cores())))
     scan_dir = Path(cfg["scan_dir"])
     rows["quality_scorer"] = scorers.scorer_name("quality", qcfg)
     rows["aesthetic_scorer"] = scorers.scorer_name("aesthetic", acfg)

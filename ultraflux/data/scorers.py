@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -98,26 +97,49 @@ def _device():
 
 @contextmanager
 def _as_hub_name(repo_id: str, weights: str):
-    """Make the hub id ``repo_id`` resolve to the local directory ``weights`` while inside the block.
+    """Make the hub id ``repo_id`` load from the local directory ``weights`` while inside the block.
 
-    pyiqa's Q-Align arch calls ``from_pretrained("q-future/one-align")`` with no path argument. transformers loads
-    a model id that names an existing local directory from that directory (code, config, weights: nothing is
-    downloaded), so the block runs in a temporary folder where ``q-future/one-align`` is a link to ``weights``,
-    with the Hugging Face hub switched offline.
+    pyiqa's Q-Align arch calls ``AutoModelForCausalLM.from_pretrained("q-future/one-align")`` and
+    ``CLIPImageProcessor.from_pretrained(...)`` with that id and no path argument. Inside the block both loaders read
+    ``weights`` when asked for ``repo_id`` (any other name passes through), with the Hugging Face hub offline:
+    nothing is downloaded, and neither the working directory nor any file outside the block is touched.
     """
-    previous, env = os.getcwd(), {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    with tempfile.TemporaryDirectory(prefix="ultraflux-hub-") as tmp:
-        link = Path(tmp) / repo_id
-        link.parent.mkdir(parents=True)
-        link.symlink_to(Path(weights).resolve(), target_is_directory=True)
-        os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        os.chdir(tmp)
-        try:
-            yield
-        finally:
-            os.chdir(previous)
-            for key, value in env.items():
-                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    from transformers import AutoModelForCausalLM, CLIPImageProcessor
+
+    env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    patched = {cls: cls.__dict__.get("from_pretrained") for cls in (AutoModelForCausalLM, CLIPImageProcessor)}
+
+    def redirected(load):
+        return classmethod(lambda cls, name, *a, **kw: load(str(Path(weights)) if name == repo_id else name, *a, **kw))
+
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    for cls in patched:
+        cls.from_pretrained = redirected(cls.from_pretrained)
+    try:
+        yield
+    finally:
+        for cls, own in patched.items():
+            if own is None:
+                del cls.from_pretrained   # it was inherited: the base class's loader shows through again
+            else:
+                cls.from_pretrained = own
+        for key, value in env.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def _import_package(name: str, folder: Path) -> None:
+    """Import the package in ``folder`` as ``name`` (once), without adding anything to ``sys.path``."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
 
 
 def pyiqa_available() -> bool:
@@ -186,9 +208,11 @@ class ArtiMuseScorer(Scorer):
             raise FileNotFoundError(
                 f"curate.aesthetic.code_dir = {code_dir!r} must be the src/ folder of an ArtiMuse checkout "
                 "(github.com/thunderbolt215/ArtiMuse), which holds the artimuse package")
-        for path in (str(Path(code_dir) / "artimuse"), str(code_dir)):  # as src/eval/eval_image.py does
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        # src/eval/eval_image.py puts src/ and src/artimuse/ on sys.path: ArtiMuse's modules import both
+        # ``artimuse.…`` and ``internvl.…``. The same two packages are imported here from their folders instead.
+        _import_package("artimuse", Path(code_dir) / "artimuse")
+        if (Path(code_dir) / "artimuse" / "internvl" / "__init__.py").is_file():
+            _import_package("internvl", Path(code_dir) / "artimuse" / "internvl")
         from artimuse.internvl.model.internvl_chat.modeling_artimuse import InternVLChatModel
         from transformers import AutoTokenizer
 
