@@ -43,7 +43,8 @@ def test_qalign_goes_through_pyiqa_with_local_weights(tmp_path, monkeypatch):
     scorer = scorers.make_scorer("quality", section("quality", weights=str(weights), batch_size=2))
     assert os.getcwd() == cwd and os.environ.get("HF_HUB_OFFLINE") == offline  # both restored
     assert seen["name"] == "qalign" and seen["resolved"] == weights.resolve() and seen["offline"] == "1"
-    assert scorer.name == "q-align(pyiqa):one-align" == scorers.scorer_name("quality", section("quality", weights=str(weights)))
+    assert scorer.name == "q-align(pyiqa):one-align" == scorers.scorer_name("quality",
+                                                                            section("quality", weights=str(weights)))
     images = [np.full((20, 30, 3), 255, np.uint8), np.zeros((10, 10, 3), np.uint8)]
     assert scorer.score(images) == [4.0, 3.0]
     # as the public tool: one image per call, RGB float32 in [0, 1] (uint8 / 255), NCHW

@@ -137,8 +137,9 @@ def validate_refined(answer: RefinedPrompts | str, n_expected: int, min_words: i
 def refine_prompts(prompts: list[str], cfg: dict, cache_dir: Path | None) -> list[str]:
     """Refine ``prompts`` with GPT-4o (seed Prompt 12.1); one refined prompt per input, same order.
 
-    ``cfg`` is params.yaml's complete ``refiner`` section (validated: ``ultraflux.config``). Raises :class:`RefinerError`
-    when ``OPENAI_API_KEY`` is not set, or when a batch cannot be refined validly within the retry budget.
+    ``cfg`` is params.yaml's complete ``refiner`` section (validated: ``ultraflux.config``). Raises
+    :class:`RefinerError` when ``OPENAI_API_KEY`` is not set, or when a batch cannot be refined validly within the
+    retry budget.
     """
     prompts = [str(p) for p in prompts]
     if not prompts:
