@@ -168,3 +168,24 @@ def test_each_params_reading_command_refuses_a_typo_key(tmp_path, monkeypatch, c
     assert f"{where}: 'judge.modle' is not a known key (did you mean 'judge.model'?)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "prompts.jsonl", "repo", "typo.yaml"]
     assert [p.name for p in repo.iterdir()] == ["params.yaml"]   # nothing done
+
+
+def test_report_compares_like_with_like(tmp_path, monkeypatch):
+    """The report's 'differs from the commit' table: schema defaults filled on both sides, so a key that params.yaml
+    leaves to the schema (judge.api_version) is no difference, while a real edit is one."""
+    import subprocess
+
+    from ultraflux.config import load_validated
+    from ultraflux.report import committed_params, params_diff
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "params.yaml"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "p"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    now = load_validated("params.yaml", check_paths=False)
+    assert params_diff(now, committed_params()) == []
+    edited = {**now, "judge": {**now["judge"], "api_version": "v1"}}
+    assert params_diff(edited, committed_params()) == [
+        {"param": "judge.api_version", "committed": "v1beta", "this run": "v1"}]
