@@ -252,6 +252,9 @@ def full(args) -> None:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     dev = torch.device(args.device)
+    from ultraflux.config import load_validated
+
+    loss_cfg = load_validated(ROOT / "params.yaml", check_paths=False)["loss"]   # the objective as configured
     cfg = {**FLUX_DEV, "num_layers": args.layers[0], "num_single_layers": args.layers[1],
            "num_attention_heads": args.heads}
     hidden = args.heads * FLUX_DEV["attention_head_dim"]
@@ -280,7 +283,7 @@ def full(args) -> None:
     def step():
         s = sig.view(-1, 1, 1, 1)
         pred = predict_velocity(model, (1 - s) * x0 + s * noise, sig, prompt, pooled, torch.bfloat16)
-        loss, _ = dit_loss(pred, noise, x0, sig, "ultraflux", {})
+        loss, _ = dit_loss(pred, noise, x0, sig, "ultraflux", loss_cfg)
         loss.backward()
         if opt is not None:
             opt.step()

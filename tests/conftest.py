@@ -23,8 +23,21 @@ def copy_project(dst: Path) -> None:
             shutil.copy2(ROOT / f, dst / f)
 
 
+def full_params() -> dict:
+    """The repository's params.yaml as the library receives it: validated, every schema default filled in."""
+    from ultraflux.config import load_validated
+
+    return load_validated(ROOT / "params.yaml", check_paths=False)
+
+
+def params_section(name: str, **overrides) -> dict:
+    """One complete, validated section of the repository's params.yaml with ``overrides`` applied (a library call
+    gets every key of its section, never a partial dict: tests/test_params_single_source.py)."""
+    from ultraflux.config import load_params, validated_section
+
+    return validated_section({name: {**load_params(ROOT / "params.yaml")[name], **overrides}}, name)
+
+
 @pytest.fixture
 def params():
-    from ultraflux.config import load_params
-
-    return load_params(ROOT / "params.yaml")
+    return full_params()

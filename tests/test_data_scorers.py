@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import full_params
 from ultraflux.data import scorers
+
+
+def section(kind: str, **overrides) -> dict:
+    """The complete ``curate.<kind>`` section of params.yaml with ``overrides`` (not re-validated: some tests hand
+    the scorer what the schema would refuse)."""
+    return {**full_params()["curate"][kind], **overrides}
 
 
 def test_qalign_goes_through_pyiqa_with_local_weights(tmp_path, monkeypatch):
@@ -41,13 +48,14 @@ def test_qalign_goes_through_pyiqa_with_local_weights(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
     monkeypatch.setattr(scorers, "pyiqa_available", lambda: True)
     cwd, offline = os.getcwd(), os.environ.get("HF_HUB_OFFLINE")
-    scorer = scorers.make_scorer("quality", {"weights": str(weights), "batch_size": 2})
+    scorer = scorers.make_scorer("quality", section("quality", weights=str(weights), batch_size=2))
     assert os.getcwd() == cwd == seen["cwd"] and os.environ.get("HF_HUB_OFFLINE") == offline  # nothing moved
     assert seen["name"] == "qalign" and seen["offline"] == "1"
     assert [name for _, name in loads] == [str(weights), str(weights), "openai/clip-vit-base-patch32"]
     transformers.CLIPImageProcessor.from_pretrained("q-future/one-align")   # after the block: no redirect
     assert loads[-1][1] == "q-future/one-align"
-    assert scorer.name == "q-align(pyiqa):one-align" == scorers.scorer_name("quality", {"weights": str(weights)})
+    assert scorer.name == "q-align(pyiqa):one-align" == scorers.scorer_name("quality",
+                                                                            section("quality", weights=str(weights)))
     images = [np.full((20, 30, 3), 255, np.uint8), np.zeros((10, 10, 3), np.uint8)]
     assert scorer.score(images) == [4.0, 3.0]
     # as the public tool: one image per call, RGB float32 in [0, 1] (uint8 / 255), NCHW
@@ -86,8 +94,8 @@ def test_artimuse_uses_the_repository_interface(tmp_path, monkeypatch):
                         classmethod(lambda cls, path, **kw: tokenizer if kw.get("use_fast") is False else None))
     path_before = list(sys.path)
     with pytest.raises(FileNotFoundError, match="curate.aesthetic.code_dir"):
-        scorers.make_scorer("aesthetic", {"weights": str(weights)})
-    scorer = scorers.make_scorer("aesthetic", {"weights": str(weights), "code_dir": str(code)})
+        scorers.make_scorer("aesthetic", section("aesthetic", weights=str(weights), code_dir=""))
+    scorer = scorers.make_scorer("aesthetic", section("aesthetic", weights=str(weights), code_dir=str(code)))
     out = scorer.score([np.full((64, 96, 3), 128, np.uint8)])
     from artimuse.internvl.model.internvl_chat import modeling_artimuse
 
@@ -107,8 +115,8 @@ def test_standins_are_named_and_resolution_independent():
     assert small.shape == (384, 512, 3)
     assert scorers.laplacian_sharpness(big) == scorers.laplacian_sharpness(small)
     assert scorers.hasler_colorfulness(big) == scorers.hasler_colorfulness(small)
-    assert scorers.scorer_name("quality", {}) == "standin:laplacian-sharpness"
-    assert scorers.scorer_name("aesthetic", {"weights": ""}) == "standin:hasler-colorfulness"
+    assert scorers.scorer_name("quality", section("quality")) == "standin:laplacian-sharpness"
+    assert scorers.scorer_name("aesthetic", section("aesthetic", weights="")) == "standin:hasler-colorfulness"
 
 
 def test_grayscale_photos_are_not_ranked_by_colourfulness(params):

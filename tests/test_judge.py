@@ -21,6 +21,7 @@ from fake_llm_server import (  # noqa: E402
     gemini_texts,
     gemini_verdict,
 )
+from conftest import params_section  # noqa: E402
 from llm_fixtures import GEMINI_KEY as KEY  # noqa: E402
 from llm_fixtures import llm_env, seed_text, serve  # noqa: E402,F401
 
@@ -56,10 +57,9 @@ server = serve(gemini=prefer_good)
 
 
 def cfg(server, **kw):
-    c = {"model": "gemini-2.5-flash", "base_url": server.url, "thinking": True, "max_retries": 4,
-         "backoff_base_s": 0.001, "backoff_max_s": 0.005, "timeout_s": 5, "concurrency": 1}
-    c.update(kw)
-    return c
+    return params_section("judge", **{"model": "gemini-2.5-flash", "base_url": server.url, "thinking": True,
+                                      "max_retries": 4, "backoff_base_s": 0.001, "backoff_max_s": 0.005,
+                                      "timeout_s": 5.0, "concurrency": 1, **kw})
 
 
 def make_pairs(tmp_path: Path, spec: list[tuple[bytes, bytes]]) -> list[dict]:

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_llm_server import Reply, Script, openai_error, openai_message, openai_prompts  # noqa: E402
+from conftest import params_section  # noqa: E402
 from llm_fixtures import OPENAI_KEY as KEY  # noqa: E402
 from llm_fixtures import llm_env, seed_text, serve  # noqa: E402,F401
 
@@ -37,10 +38,9 @@ server = serve(openai=good)
 
 
 def cfg(server, **kw):
-    c = {"model": "gpt-4o", "base_url": server.url + "/v1", "language": "English", "max_retries": 3,
-         "backoff_base_s": 0.001, "backoff_max_s": 0.005, "timeout_s": 5}
-    c.update(kw)
-    return c
+    return params_section("refiner", **{"model": "gpt-4o", "base_url": server.url + "/v1", "language": "English",
+                                        "max_retries": 3, "backoff_base_s": 0.001, "backoff_max_s": 0.005,
+                                        "timeout_s": 5.0, **kw})
 
 
 PROMPTS = ["a cat on a sofa", "a lighthouse at dusk", "an old man reading"]

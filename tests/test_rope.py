@@ -14,6 +14,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
+from conftest import params_section
 from ultraflux.data.buckets import bucket_table
 from ultraflux.models.rope import (KINDS, UltraFluxPosEmbed, axis_frequencies, build_pos_embed, correction_range,
                                    cycles, flux_frequencies, resonance_frequencies, yarn_mscale)
@@ -245,14 +246,15 @@ def test_cache_reuses_tables_and_detects_new_ids():
     assert not torch.equal(c[0], a[0])
 
 
-def test_build_pos_embed_defaults():
-    pe = build_pos_embed({"kind": "yarn", "train_len": 8}, [4, 6, 6])
+def test_build_pos_embed_takes_every_key_from_the_rope_section():
+    rope = params_section("rope", kind="yarn", train_len=8, theta=500.0, ntk_factor=0.5, yarn_alpha=2.0,
+                          yarn_beta=0.5, max_scale=3.0, snap_all_bands=True, snap_in_window=True)
+    pe = build_pos_embed(rope, [4, 6, 6])
     assert (pe.kind, pe.train_len, pe.theta, pe.ntk_factor, pe.yarn_alpha, pe.yarn_beta, pe.max_scale,
-            pe.snap_all_bands, pe.snap_in_window) == ("yarn", 8, 10_000, 1.0, 1.25, 0.75, 2.0, False, False)
-    assert build_pos_embed({}, AXES).kind == "resonance_yarn"
-    assert build_pos_embed({}, AXES).train_len == 64
-    assert build_pos_embed({"snap_in_window": True}, AXES).snap_in_window
-    assert "plain Flux (as the public release)" in build_pos_embed({}, AXES).describe()
+            pe.snap_all_bands, pe.snap_in_window) == ("yarn", 8, 500.0, 0.5, 2.0, 0.5, 3.0, True, True)
+    assert "plain Flux (as the public release)" in build_pos_embed(params_section("rope"), AXES).describe()
+    with pytest.raises(KeyError, match="ntk_factor"):   # a partial section is a caller's bug, not a default
+        build_pos_embed({k: v for k, v in rope.items() if k != "ntk_factor"}, AXES)
 
 
 TINY = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
+from conftest import params_section
 from ultraflux.models.vae import (FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR, AutoencoderKLF16, build_vae, from_f8,
                                   load_vae, spatial_factor, tiny_config)
 
-TINY = {"vae_pretrained": "", "tiny": {"vae_block_out_channels": [16, 32, 32, 32]}}
+TINY = params_section("model", pretrained="", vae_pretrained="")   # the tiny profile's VAE: [16, 32, 32, 32]
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,13 @@ def cell_sets(letter: str) -> list[str]:
 
 def model_of(params: dict) -> str:
     """``flux_l2`` / ``ultraflux`` when objective and rope.kind form one of the paper's two model sides, else mixed."""
-    got = {"objective": str(params.get("objective")), "rope.kind": str((params.get("rope") or {}).get("kind"))}
+    got = {"objective": str(params["objective"]), "rope.kind": str(params["rope"]["kind"])}
     return next((m for m, want in MODELS.items() if want == got), "mixed")
 
 
 def cell_of(params: dict) -> str | None:
     """The Table 1 letter that ``params`` are, or None (e.g. objective=l2 with resonance RoPE)."""
-    key = (str((params.get("data") or {}).get("variant")), model_of(params))
+    key = (str(params["data"]["variant"]), model_of(params))
     return next((L for L, cell in CELLS.items() if cell == key), None)
 
 
@@ -65,7 +65,7 @@ def ablation_tags(params: dict, exp: str | None) -> dict[str, str]:
     if not m:
         return {}
     tags = {"ablation": ABLATION_TAG, "variant": m.group(1), "ablation.model": model_of(params),
-            "ablation.dataset": str((params.get("data") or {}).get("variant"))}
+            "ablation.dataset": str(params["data"]["variant"])}
     if cell_of(params) != m.group(1):  # e.g. a --set-variant override moved this cell off the grid
         tags["ablation.params_match"] = "false"
     return tags

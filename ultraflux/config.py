@@ -1,6 +1,9 @@
 """params.yaml: loading (YAML 1.2), validation against the schema (``ultraflux.schema``), the paper-profile switch.
 
-``validate(params, source)`` checks every key before any work and raises one :class:`ParamsError` listing ALL
+``validate(params, source)`` checks every key before any work and returns the COMPLETE params: every key the schema
+has, the schema's default where the file omits one (values written in the file are returned as written, so hashes of
+a section do not change with validation). The library indexes these keys directly: no default lives outside the
+schema and params.yaml (tests/test_params_single_source.py). It raises one :class:`ParamsError` listing ALL
 problems, each naming the file read and the full key::
 
     other.yaml: 'dit_stage1.stepz' is not a known key (did you mean 'dit_stage1.steps'?)
@@ -11,6 +14,7 @@ keeping the comments, after validating the result with the same schema.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import io
 import os
@@ -150,25 +154,59 @@ def _path_problems(params: dict) -> list[str]:
     return problems
 
 
+def complete(params: dict, model: BaseModel) -> dict:
+    """``params`` (already validated into ``model``) with the schema's defaults for the keys it omits, recursively;
+    a value the file writes is kept exactly as written (an int stays an int), so section hashes stay as they were."""
+    out = dict(params)
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name not in params:
+            out[name] = value.model_dump() if isinstance(value, BaseModel) else copy.deepcopy(value)
+        elif isinstance(value, BaseModel) and isinstance(params[name], dict):
+            out[name] = complete(params[name], value)
+    return out
+
+
+def _problems(err: ValidationError, prefix: tuple = ()) -> list[str]:
+    return [_describe({**e, "loc": prefix + tuple(e["loc"])}) for e in err.errors(include_url=False)]
+
+
 def validate(params: dict, source: str | os.PathLike = PARAMS_FILE, check_paths: bool = True) -> dict:
     """Check ``params`` against the schema (and, with ``check_paths``, that configured paths exist).
 
-    Returns ``params`` unchanged; raises :class:`ParamsError` listing every problem, each naming ``source``.
+    Returns the complete params (:func:`complete`: schema defaults filled in); raises :class:`ParamsError` listing
+    every problem, each naming ``source``.
     """
     problems: list[str] = []
+    model = None
     try:
-        Params.model_validate(params)
+        model = Params.model_validate(params)
     except ValidationError as e:
-        problems += [_describe(err) for err in e.errors(include_url=False)]
+        problems += _problems(e)
     if check_paths:
         problems += _path_problems(params)
     if problems:
         raise ParamsError(problems, source)
-    return params
+    return complete(params, model)
 
 
 def load_validated(path: str | os.PathLike = PARAMS_FILE, check_paths: bool = True) -> dict:
+    """The complete, validated params of ``path`` (:func:`validate`)."""
     return validate(load_params(path), path, check_paths)
+
+
+def validated_section(params: dict, name: str, source: str | os.PathLike = PARAMS_FILE) -> dict:
+    """One section of a params file that may hold only that section (e.g. ``ultraflux judge --params``), validated
+    with the schema's model of that section and completed with its defaults; problems name ``source`` and
+    ``<name>.<key>``. A missing section is the schema's defaults (an error where the section has required keys)."""
+    raw = params.get(name, {})
+    model_type = Params.model_fields[name].annotation
+    if not isinstance(raw, dict):
+        raise ParamsError(f"'{name}' must be a mapping of keys (got {raw!r})", source)
+    try:
+        return complete(raw, model_type.model_validate(raw))
+    except ValidationError as e:
+        raise ParamsError(_problems(e, (name,)), source) from None
 
 
 def typed(params: dict | Params, source: str | os.PathLike = PARAMS_FILE) -> Params:
@@ -179,7 +217,7 @@ def typed(params: dict | Params, source: str | os.PathLike = PARAMS_FILE) -> Par
     try:
         return Params.model_validate(params)
     except ValidationError as e:
-        raise ParamsError([_describe(err) for err in e.errors(include_url=False)], source) from None
+        raise ParamsError(_problems(e), source) from None
 
 
 def apply_profile(profile_path: str | os.PathLike, params_path: str | os.PathLike = PARAMS_FILE) -> list[str]:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ultraflux.io import atomic_path, write_json
 from ultraflux.losses.wavelet import SUBBANDS, haar_dwt2
-from ultraflux.models.rope import ROPE_THETA, UltraFluxPosEmbed, cycles, flux_frequencies, rope_settings, snapped_cycles
+from ultraflux.models.rope import ROPE_THETA, UltraFluxPosEmbed, cycles, flux_frequencies, snapped_cycles
 
 FIG_TRAIN_LEN = 64        # seed Sec. 3 / Fig. 2: 64 x 64 training patches
 FIG_AXIS_DIM = 56         # Flux spatial axis dim (axes_dims_rope = [16, 56, 56])
@@ -186,7 +186,7 @@ def _fig1(an: dict, out_dir: Path, train_len: int, label: str, plt) -> None:
 
 def in_force_frequencies(rope: dict, band: int = FIG2_BAND) -> list[tuple[float, float]]:
     """(omega_H, omega_W) of ``band`` that the configured RoPE uses on each Fig. 2 grid (d = 56, L = 64)."""
-    cfg = {**rope_settings(rope), "train_len": FIG_TRAIN_LEN}
+    cfg = {**rope, "train_len": FIG_TRAIN_LEN}
     pe = UltraFluxPosEmbed(cfg["theta"], [16, FIG_AXIS_DIM, FIG_AXIS_DIM], kind=cfg["kind"], train_len=FIG_TRAIN_LEN,
                            ntk_factor=cfg["ntk_factor"], yarn_alpha=cfg["yarn_alpha"], yarn_beta=cfg["yarn_beta"],
                            snap_all_bands=cfg["snap_all_bands"], snap_in_window=cfg["snap_in_window"])
@@ -233,7 +233,7 @@ def run_diagnostics(params: dict, latents: Iterable[torch.Tensor] | torch.Tensor
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rope = rope_settings(params.get("rope"))
+    rope = params["rope"]
     label = UltraFluxPosEmbed(rope["theta"], [2, 2, 2], kind=rope["kind"], snap_all_bands=rope["snap_all_bands"],
                               snap_in_window=rope["snap_in_window"]).describe()
     an = resonance_analysis(float(rope["theta"]), FIG_TRAIN_LEN, FIG_AXIS_DIM, bool(rope["snap_all_bands"]))

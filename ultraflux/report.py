@@ -133,11 +133,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def committed_params(params_path: Path = Path("params.yaml")) -> dict | None:
-    """params.yaml as committed at HEAD (None outside git)."""
-    from ultraflux.config import parse_yaml
+    """params.yaml as committed at HEAD (None outside git), completed with the schema's defaults as this run's params
+    are (so a key both leave to the schema is no difference); as written when this schema refuses it."""
+    from ultraflux.config import ParamsError, parse_yaml, validate
 
     proc = subprocess.run(["git", "show", f"HEAD:{params_path.as_posix()}"], capture_output=True, text=True)
-    return parse_yaml(proc.stdout) if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        return None
+    committed = parse_yaml(proc.stdout)
+    try:
+        return validate(committed, f"HEAD:{params_path.as_posix()}", check_paths=False)
+    except ParamsError:
+        return committed
 
 
 def params_diff(params: dict, committed: dict | None) -> list[dict]:

@@ -385,13 +385,15 @@ class Backoff(Section):
 
 
 class Judge(Backoff):                                    # seed Sec. 11: Gemini-2.5-Flash, reasoning mode, Prompt 11.1
-    model: Text
-    base_url: str
+    # Every key has a default: `ultraflux judge` runs outside a repository, or on a file holding only this section.
+    model: Text = "gemini-2.5-flash"
+    base_url: str = ""                                   # "" = the official endpoint
     api_version: str = "v1beta"
-    thinking: bool
-    thinking_budget: Annotated[int, Field(ge=-1)]        # -1 = the model decides
+    thinking: bool = True                                # "reasoning mode"
+    thinking_budget: Annotated[int, Field(ge=-1)] = -1   # -1 = the model decides
     temperature: Optional[Annotated[float, Field(ge=0, le=2)]] = None
-    concurrency: PosInt
+    concurrency: PosInt = 4
+    max_retries: NonNegInt = 4
     include_generation_prompt: bool = True
     inline_limit_mb: Annotated[float, Field(gt=0, le=20)] = 19.0   # Gemini's inline request limit is 20 MB
 

@@ -131,9 +131,9 @@ def run_tags(params: dict) -> dict[str, str]:
     """Tags that make runs comparable in the UI: code version, experiment name and the co-design axes."""
     tags = {
         "git_commit": git_commit(),
-        "data.variant": str(params.get("data", {}).get("variant")),
-        "objective": str(params.get("objective")),
-        "rope.kind": str(params.get("rope", {}).get("kind")),
+        "data.variant": str(params["data"]["variant"]),
+        "objective": str(params["objective"]),
+        "rope.kind": str(params["rope"]["kind"]),
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
@@ -293,7 +293,7 @@ def _open_stage_run(uri: str, stage: str, params: dict, stage_params: dict | Non
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
     client = MlflowClient(uri)
-    exp_id = experiment_id(client, params.get("tracking", {}).get("experiment", "ultraflux"))
+    exp_id = experiment_id(client, params["tracking"]["experiment"])
     mark_killed(client, exp_id)
     key = execution_key()
     tags = run_tags(params)

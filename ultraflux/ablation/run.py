@@ -58,16 +58,16 @@ def run_ablation(repo: Path, jobs: int = 1, timeout: float = 7200, poll: float =
     SIGTERM; results per cell; Table-1 rows). A stop kills our queue tasks and DVC's queue workers first, then the
     partial table is written and logged like a finished one (the unfinished cells marked ``interrupted``)."""
     from ultraflux import tracking
-    from ultraflux.config import load_params
+    from ultraflux.config import load_validated
 
     repo = Path(repo).resolve()
+    params = load_validated(repo / "params.yaml", check_paths=False)   # ParamsError naming the file: nothing queued
     if suffix and not SUFFIX_RE.fullmatch(suffix):
         raise ValueError(f"the suffix must be letters, digits, '.' or '_' (got {suffix!r})")
     try:
         baseline = dvc_queue._git(["rev-parse", "HEAD"], repo)
     except subprocess.CalledProcessError:
         raise dvc_queue.DvcError("DVC experiments need a git commit; commit the project first") from None
-    params = load_params(repo / "params.yaml")
     letters = [L for L in LETTERS if L in letters]
     names = [exp_name(L, suffix) for L in letters]
     out_dir = repo / out
@@ -110,7 +110,7 @@ def run_ablation(repo: Path, jobs: int = 1, timeout: float = 7200, poll: float =
     if mlflow:
         from ultraflux.ablation.mlflow_log import log_to_mlflow
 
-        experiment = (params.get("tracking") or {}).get("experiment", "ultraflux")
+        experiment = params["tracking"]["experiment"]
         run_ids = log_to_mlflow(repo, results, rows, paths, t_start, experiment, invocation)
         log(f"[ablation] MLflow: experiment {experiment!r}, summary run {run_ids['summary']}")
     for r in rows:

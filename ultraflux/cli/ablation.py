@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ultraflux.codesign import CELLS, LETTERS
+from ultraflux.config import ParamsError
 from ultraflux.ablation.dvc_queue import DvcError
 from ultraflux.ablation.run import SUFFIX_RE, run_ablation
 
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
                                   out=args.out, suffix=args.suffix, common=args.common,
                                   per_cell=_parse_cell_sets(args.set_variant), letters=args.variants,
                                   mlflow=not args.no_mlflow)
-    except DvcError as e:
+    except (DvcError, ParamsError) as e:
         print(f"ultraflux ablation: {e}", file=sys.stderr)
         return 2
     return code

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ultraflux.config import load_params
+from ultraflux.config import load_params, validated_section
 from ultraflux.evaluation._llm import default_cache_root
 from ultraflux.evaluation.judge import judge_pairs, succeeded
 
@@ -32,13 +32,9 @@ def read_prompts_jsonl(path: Path) -> list[dict]:
 
 
 def judge_params(path: Path) -> dict:
-    """The ``judge`` section of a params file; ``{}`` (the library defaults) when the file does not exist."""
-    if not path.is_file():
-        return {}
-    section = load_params(path).get("judge") or {}
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: 'judge' must be a mapping (got {section!r})")
-    return dict(section)
+    """The validated ``judge`` section of a params file (which may hold only that section), schema defaults filled
+    in; the schema's defaults when the file does not exist. Raises ``ParamsError`` naming the file and key."""
+    return validated_section(load_params(path, missing_ok=True), "judge", path)
 
 
 def main(argv: list[str]) -> int:
@@ -68,7 +64,7 @@ def main(argv: list[str]) -> int:
     try:
         rows = read_prompts_jsonl(args.prompts)
         cfg = judge_params(args.params)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:   # ParamsError is a ValueError naming the file and key
         print(f"ultraflux judge: {e}", file=sys.stderr)
         return 2
     if args.base_url is not None:

@@ -161,7 +161,7 @@ def resolve_fields(configured: dict, sample: list[dict]) -> dict[str, str | None
         seen.update(dict.fromkeys(record))
     mapping: dict[str, str | None] = {}
     for field in FIELDS:
-        wanted = (configured or {}).get(field) or ""
+        wanted = configured[field]   # "" = auto-detect
         candidates = ((wanted,) if wanted else ()) + SPELLINGS[field]
         mapping[field] = next((c for c in candidates if c in seen), None)
         if mapping[field] is None and field in REQUIRED:

@@ -156,7 +156,7 @@ def released_name(kind: str, items) -> str:
 def require_released(items, curate: dict) -> None:
     """Before any work: ``curate.<kind>.source = released`` needs sources that carry the released score."""
     for kind in ("quality", "aesthetic"):
-        if (curate.get(kind) or {}).get("source") == "released" and not any(
+        if curate[kind]["source"] == "released" and not any(
                 _float((getattr(it, "meta", None) or {}).get(kind)) == _float(
                     (getattr(it, "meta", None) or {}).get(kind)) for it in items):
             raise ValueError(f"curate.{kind}.source = 'released' but no source has a released {kind} score "

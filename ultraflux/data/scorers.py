@@ -276,7 +276,7 @@ def check_weights(kind: str, weights: str) -> None:
 
 def scorer_name(kind: str, cfg: dict) -> str:
     """Name of the scorer that ``make_scorer`` would build, without loading anything."""
-    weights = (cfg or {}).get("weights", "") or ""
+    weights = cfg["weights"]
     if weights:
         return qalign_name(weights) if kind == "quality" else f"artimuse:{Path(weights).name}"
     return QUALITY_STANDIN if kind == "quality" else AESTHETIC_STANDIN
@@ -284,13 +284,12 @@ def scorer_name(kind: str, cfg: dict) -> str:
 
 def make_scorer(kind: str, cfg: dict) -> Scorer:
     """Build the ``quality`` or ``aesthetic`` scorer from its ``curate.<kind>`` params."""
-    cfg = cfg or {}
-    weights = cfg.get("weights", "") or ""
+    weights = cfg["weights"]
     if not weights:
         name = scorer_name(kind, cfg)
         return FunctionScorer(name, STANDINS[name])
     check_weights(kind, weights)
-    batch = int(cfg.get("batch_size", 8))
+    batch = int(cfg["batch_size"])
     if kind == "quality":
         return QAlignScorer(weights, batch)
-    return ArtiMuseScorer(weights, batch, cfg.get("code_dir", "") or "")
+    return ArtiMuseScorer(weights, batch, cfg["code_dir"])

@@ -99,19 +99,16 @@ class RetryPolicy:
     ``[1 - jitter, 1]``; a server ``Retry-After`` raises it (never above ``max_s``).
     """
 
-    max_retries: int = 3
-    base_s: float = 1.0
-    max_s: float = 30.0
-    jitter: float = 0.5
+    max_retries: int
+    base_s: float
+    max_s: float
+    jitter: float
 
     @classmethod
-    def from_cfg(cls, cfg: dict, default_retries: int = 3) -> "RetryPolicy":
-        return cls(
-            max_retries=max(0, int(cfg.get("max_retries", default_retries))),
-            base_s=float(cfg.get("backoff_base_s", 1.0)),
-            max_s=float(cfg.get("backoff_max_s", 30.0)),
-            jitter=min(1.0, max(0.0, float(cfg.get("backoff_jitter", 0.5)))),
-        )
+    def from_cfg(cls, cfg: dict) -> "RetryPolicy":
+        """From a validated ``judge`` / ``refiner`` section (its ``max_retries`` and ``backoff_*`` keys)."""
+        return cls(max_retries=int(cfg["max_retries"]), base_s=float(cfg["backoff_base_s"]),
+                   max_s=float(cfg["backoff_max_s"]), jitter=float(cfg["backoff_jitter"]))
 
     def delay(self, retry_index: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
         r = (rng or random).random()

@@ -99,7 +99,7 @@ def evaluate_run(params: dict, curated_dir: Path, vae_dir: Path, samples_dir: Pa
     scored = []
     for aspect in distributed.progress(aspects, "evaluate: generation"):
         reference = reference or build_reference((open_image(curated_dir, r) for r in kept.to_dict("records")),
-                                                 cfg.get("fid_inception_weights") or "")
+                                                 cfg["fid_inception_weights"])
         paths = sorted((samples_dir / "dit_stage2" / aspect.replace(":", "x")).glob("*.png"))
         images = [Image.open(p).convert("RGB") for p in paths]
         # file i.png was generated from prompt i (ultraflux.sampling.sample_set); one entry per aspect (gather order)

@@ -131,33 +131,8 @@ class JudgeAnswer(BaseModel):
 SKIPPED_NO_KEY = "skipped (no GEMINI_API_KEY)"
 ORDERS = ("AB", "BA")  # AB: image_a shown as "Image A"; BA: image_b shown as "Image A"
 
-DEFAULTS: dict[str, Any] = {
-    "model": "gemini-2.5-flash",
-    "base_url": "",
-    "api_version": "v1beta",
-    "thinking": True,
-    "thinking_budget": -1,  # -1 = dynamic thinking (the model decides); ignored when thinking is false (budget 0)
-    "temperature": None,  # None = the service default
-    "max_retries": 4,
-    "backoff_base_s": 1.0,
-    "backoff_max_s": 30.0,
-    "backoff_jitter": 0.5,
-    "timeout_s": 120.0,
-    "concurrency": 4,
-    "include_generation_prompt": True,
-    "inline_limit_mb": 19.0,  # Gemini inline request limit is 20 MB; above this both images are re-encoded JPEG q95
-}
-
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _cfg(cfg: dict | None) -> dict:
-    out = dict(DEFAULTS)
-    for k, v in (cfg or {}).items():
-        if v is not None or k in ("temperature",):
-            out[k] = v
-    return out
-
-
 def wilson_ci(k: int, n: int) -> list[float] | None:
     """Wilson score 95 % interval for a binomial proportion ``k/n`` (None when ``n == 0``)."""
     if n <= 0:
@@ -245,18 +220,18 @@ class GeminiJudge:
         from google import genai
         from google.genai import types
 
-        self.cfg = _cfg(cfg)
+        self.cfg = cfg
         self._types = types
         self._secrets = [api_key]
         http = {"timeout": int(float(self.cfg["timeout_s"]) * 1000)}  # milliseconds
-        if self.cfg.get("base_url"):
+        if self.cfg["base_url"]:
             http["base_url"] = str(self.cfg["base_url"])
-        if self.cfg.get("api_version"):
+        if self.cfg["api_version"]:
             http["api_version"] = str(self.cfg["api_version"])
         # No retry_options: the SDK then never retries; our loop owns the (single, bounded) retry budget.
         self.client = genai.Client(api_key=api_key, vertexai=False, http_options=types.HttpOptions(**http))
         self.cache = DiskCache(cache_dir)
-        self.policy = RetryPolicy.from_cfg(self.cfg, default_retries=4)
+        self.policy = RetryPolicy.from_cfg(self.cfg)
         thinking = bool(self.cfg["thinking"])
         self.thinking_budget = int(self.cfg["thinking_budget"]) if thinking else 0
         gen: dict[str, Any] = {
@@ -265,7 +240,7 @@ class GeminiJudge:
             "thinking_config": types.ThinkingConfig(thinking_budget=self.thinking_budget),
             "automatic_function_calling": types.AutomaticFunctionCallingConfig(disable=True),  # no tools here
         }
-        if self.cfg.get("temperature") is not None:
+        if self.cfg["temperature"] is not None:
             gen["temperature"] = float(self.cfg["temperature"])
         self.gen_config = types.GenerateContentConfig(**gen)
         self.fatal = threading.Event()
@@ -288,8 +263,8 @@ class GeminiJudge:
             "model": str(self.cfg["model"]),
             "order": order,
             "thinking_budget": self.thinking_budget,
-            "temperature": self.cfg.get("temperature"),
-            "api_version": self.cfg.get("api_version"),
+            "temperature": self.cfg["temperature"],
+            "api_version": self.cfg["api_version"],
             "encoding": encoding,
         }
 
@@ -448,12 +423,12 @@ def judge_pairs(pairs: list[dict], cfg: dict, cache_dir: Path | None, out_dir: P
                 progress: bool = True) -> dict:
     """Judge ``pairs`` (dicts with ``id``, ``image_a``, ``image_b``, ``prompt``) in both orders; return a summary.
 
-    ``cfg`` is params.yaml's ``judge`` section (missing keys take :data:`DEFAULTS`). With ``out_dir``, writes
+    ``cfg`` is params.yaml's complete ``judge`` section (validated: ``ultraflux.config``). With ``out_dir``, writes
     ``verdicts.jsonl`` (one record per pair: both orders' parsed answers, attempts, errors, final verdict, status)
     and ``summary.json`` atomically. Without a GEMINI_API_KEY / GOOGLE_API_KEY: no request, status
     ``"skipped (no GEMINI_API_KEY)"``. The other statuses (``ok`` / ``failed`` / ``error (...)``): :func:`run_status`.
     """
-    c = _cfg(cfg)
+    c = cfg
     model = str(c["model"])
     key = env_key("GEMINI_API_KEY", "GOOGLE_API_KEY")
     if key is None:
@@ -494,7 +469,7 @@ def judge_pairs(pairs: list[dict], cfg: dict, cache_dir: Path | None, out_dir: P
     status, error = run_status(recs)
     summary = summarize(recs, model, status=status, n_requests=judge.n_requests, error=error)
     summary["seconds"] = round(time.time() - t0, 3)
-    summary["base_url"] = str(c.get("base_url") or "") or "official"
+    summary["base_url"] = str(c["base_url"]) or "official"
     summary = json.loads(redact(json.dumps(summary), [key]))
     if out_dir is not None:
         _write_outputs(Path(out_dir), recs, summary)

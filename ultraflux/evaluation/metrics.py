@@ -225,14 +225,14 @@ def generation_metrics(images: list[Image.Image], params: dict, real: Reference 
                  "compression_ratio": float(np.mean([compression_ratio(im) for im in images])),
                  "standin_sharpness": float(np.mean([laplacian_sharpness(a) for a in arrays])),
                  "standin_colorfulness": float(np.mean([hasler_colorfulness(a) for a in arrays]))}
-    fid_weights = (params.get("evaluate") or {}).get("fid_inception_weights") or ""
+    fid_weights = params["evaluate"]["fid_inception_weights"]
     if isinstance(real, list):
         real = build_reference(real, fid_weights) if real else None
     if real is not None and real.num_images:
         out["standin_fd_thumb8"] = frechet_distance(thumb_features(images), real.thumbs)
     for metric in ("fid", "hpsv3", "artimuse", "qalign"):
         section, key = LEARNED_METRICS[metric].split(".")
-        weights = params.get(section, {}).get(key)
+        weights = params[section][key]
         if not weights:
             out[metric] = not_computed(metric)
         elif metric == "fid" and real is not None and real.num_images:

@@ -83,22 +83,6 @@ class RefinedPrompts(BaseModel):
     prompts: list[str]
 
 
-DEFAULTS: dict[str, Any] = {
-    "model": "gpt-4o",
-    "base_url": "",
-    "language": "English",
-    "max_retries": 3,
-    "backoff_base_s": 1.0,
-    "backoff_max_s": 30.0,
-    "backoff_jitter": 0.5,
-    "timeout_s": 120.0,
-    "batch_size": 10,
-    "min_words": 55,
-    "max_words": 100,
-    "temperature": None,  # None = the service default
-    "include_output_format": True,
-}
-
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 _LIST_MARKER = re.compile(r"^\s*(?:[-*\u2022]\s|\d+[.)]\s)")
 
@@ -109,12 +93,6 @@ class RefinerError(RuntimeError):
     def __init__(self, message: str, attempts: list[dict] | None = None):
         super().__init__(message)
         self.attempts = attempts or []
-
-
-def _cfg(cfg: dict | None) -> dict:
-    out = dict(DEFAULTS)
-    out.update({k: v for k, v in (cfg or {}).items() if v is not None})
-    return out
 
 
 def count_words(text: str, language: str = "English") -> int:
@@ -159,13 +137,14 @@ def validate_refined(answer: RefinedPrompts | str, n_expected: int, min_words: i
 def refine_prompts(prompts: list[str], cfg: dict, cache_dir: Path | None) -> list[str]:
     """Refine ``prompts`` with GPT-4o (seed Prompt 12.1); one refined prompt per input, same order.
 
-    ``cfg`` is params.yaml's ``refiner`` section (missing keys take :data:`DEFAULTS`). Raises :class:`RefinerError`
-    when ``OPENAI_API_KEY`` is not set, or when a batch cannot be refined validly within the retry budget.
+    ``cfg`` is params.yaml's complete ``refiner`` section (validated: ``ultraflux.config``). Raises
+    :class:`RefinerError` when ``OPENAI_API_KEY`` is not set, or when a batch cannot be refined validly within the
+    retry budget.
     """
     prompts = [str(p) for p in prompts]
     if not prompts:
         return []
-    c = _cfg(cfg)
+    c = cfg
     model, language = str(c["model"]), str(c["language"])
     min_w, max_w = int(c["min_words"]), int(c["max_words"])
     batch_size = max(1, int(c["batch_size"]))
@@ -173,14 +152,14 @@ def refine_prompts(prompts: list[str], cfg: dict, cache_dir: Path | None) -> lis
     results: list[str] = []
     client = None
     key: str | None = None
-    policy = RetryPolicy.from_cfg(c, default_retries=3)
+    policy = RetryPolicy.from_cfg(c)
 
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         user = render_user_prompt(batch, language, bool(c["include_output_format"]))
         ckey = {
             "v": 1, "tool": "gpt-refiner", "prompts": batch, "model": model, "language": language,
-            "messages_sha256": sha256_text(SYSTEM_PROMPT + "\x00" + user), "temperature": c.get("temperature"),
+            "messages_sha256": sha256_text(SYSTEM_PROMPT + "\x00" + user), "temperature": c["temperature"],
             "words": [min_w, max_w],
         }
         hit = cache.get(ckey)
@@ -196,7 +175,7 @@ def refine_prompts(prompts: list[str], cfg: dict, cache_dir: Path | None) -> lis
             from openai import OpenAI
 
             kwargs: dict[str, Any] = {"api_key": key, "max_retries": 0, "timeout": float(c["timeout_s"])}
-            if c.get("base_url"):
+            if c["base_url"]:
                 kwargs["base_url"] = str(c["base_url"])
             client = OpenAI(**kwargs)  # SDK retries off: our loop owns the single, bounded budget
 
@@ -205,7 +184,7 @@ def refine_prompts(prompts: list[str], cfg: dict, cache_dir: Path | None) -> lis
             "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
             "response_format": RefinedPrompts,
         }
-        if c.get("temperature") is not None:
+        if c["temperature"] is not None:
             req["temperature"] = float(c["temperature"])
 
         def call(req=req):

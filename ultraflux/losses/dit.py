@@ -60,11 +60,6 @@ import torch
 from ultraflux.losses.wavelet import SUBBANDS, haar_dwt2
 
 OBJECTIVES = ("l2", "ultraflux")
-# seed Table 3 "DiT objective"
-C_MIN = 0.2
-C_MAX = 1.0
-LEVELS = 1
-MIN_SNR_GAMMA = 5.0
 
 
 def flow_snr(sigmas: torch.Tensor) -> torch.Tensor:
@@ -73,7 +68,7 @@ def flow_snr(sigmas: torch.Tensor) -> torch.Tensor:
     return ((1.0 - s) / s) ** 2
 
 
-def huber_c(sigmas: torch.Tensor, c_min: float = C_MIN, c_max: float = C_MAX) -> torch.Tensor:
+def huber_c(sigmas: torch.Tensor, c_min: float, c_max: float) -> torch.Tensor:
     """c = c_min + (c_max - c_min) (sqrt(SNR) / (1 + sqrt(SNR)))^2 = c_min + (c_max - c_min) (1 - sigma)^2."""
     return c_min + (c_max - c_min) * (1.0 - sigmas.clamp(0.0, 1.0)) ** 2
 
@@ -182,14 +177,14 @@ def dit_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tenso
         v = float(loss.detach())
         return loss, {"loss_l2": v, "loss_v_mse": v}
 
-    cfg = loss_cfg or {}
-    if cfg.get("wavelet", "haar") != "haar":
-        raise ValueError(f"only the Haar wavelet is implemented (seed Table 3), got {cfg.get('wavelet')!r}")
-    levels = int(cfg.get("levels", LEVELS))
+    cfg = loss_cfg   # params.yaml's complete, validated ``loss`` section (seed Table 3 values there)
+    if cfg["wavelet"] != "haar":
+        raise ValueError(f"only the Haar wavelet is implemented (seed Table 3), got {cfg['wavelet']!r}")
+    levels = int(cfg["levels"])
     b = dv.shape[0]
     sig = sigmas.to(device=dv.device, dtype=torch.float32).reshape(b)
-    c = huber_c(sig, float(cfg.get("c_min", C_MIN)), float(cfg.get("c_max", C_MAX)))
-    wn = min_snr_weight(sig, cfg.get("min_snr_gamma", MIN_SNR_GAMMA)) / (b * dv[0].numel())   # w_i / (B C H W)
+    c = huber_c(sig, float(cfg["c_min"]), float(cfg["c_max"]))
+    wn = min_snr_weight(sig, cfg["min_snr_gamma"]) / (b * dv[0].numel())   # w_i / (B C H W)
     if levels == 1 and dv.shape[-1] % 2 == 0 and dv.shape[-2] % 2 == 0:
         terms = _HaarPseudoHuber.apply(dv, sig, c.view(b, 1, 1, 1, 1), wn).sum(dim=0)   # [4]
         names = list(SUBBANDS)

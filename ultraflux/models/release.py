@@ -26,7 +26,7 @@ import ast
 import logging
 from contextlib import contextmanager
 
-from ultraflux.models.rope import ROPE_THETA, TRAIN_LEN, YARN_ALPHA, YARN_BETA, rope_settings
+from ultraflux.models.rope import ROPE_THETA, TRAIN_LEN, YARN_ALPHA, YARN_BETA
 
 RELEASE_ROPE_KEYS = ("method", "ntk_factor")
 RELEASE_METHODS = ("yarn", "base", "ntk")
@@ -61,7 +61,7 @@ def check_rope(config: dict, rope_cfg: dict, source: str = "config.json") -> Non
     expected = release_rope(config, source)
     if expected is None:
         return
-    ours = rope_settings(rope_cfg)
+    ours = rope_cfg
     bad = [f"rope.{k} must be {v!r} (got {ours[k]!r})" for k, v in expected.items()
            if not (ours[k] == v if isinstance(v, str) else float(ours[k]) == float(v))]
     if bad:

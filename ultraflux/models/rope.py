@@ -104,11 +104,6 @@ YARN_GAMMA_1 = 2.0
 # Public UltraFlux release: L = 2048 px / (16 px VAE * 2 px patch) = 64 tokens per axis.
 TRAIN_LEN = 64
 
-DEFAULTS = dict(kind="resonance_yarn", theta=ROPE_THETA, train_len=TRAIN_LEN, ntk_factor=NTK_FACTOR,
-                yarn_alpha=YARN_ALPHA, yarn_beta=YARN_BETA, max_scale=MAX_SCALE, snap_all_bands=False,
-                snap_in_window=False)
-
-
 def flux_frequencies(dim: int, theta: float) -> torch.Tensor:
     """omega_k = theta^(-2k/dim), k = 0..dim/2-1 (float64), exactly diffusers' get_1d_rotary_pos_embed spectrum."""
     assert dim % 2 == 0, dim
@@ -304,15 +299,10 @@ class UltraFluxPosEmbed(nn.Module):
         return freqs_cos, freqs_sin
 
 
-def rope_settings(rope_cfg: dict | None) -> dict:
-    """params.yaml's ``rope`` section with the Table 3 / release defaults for missing keys (unknown keys dropped)."""
-    return {**DEFAULTS, **{k: v for k, v in (rope_cfg or {}).items() if k in DEFAULTS}}
-
-
 def build_pos_embed(rope_cfg: dict, axes_dim) -> UltraFluxPosEmbed:
-    """``UltraFluxPosEmbed`` from params.yaml's ``rope`` section; missing keys take the Table 3 defaults."""
-    cfg = rope_settings(rope_cfg)
-    return UltraFluxPosEmbed(theta=cfg["theta"], axes_dim=list(axes_dim), kind=cfg["kind"], train_len=cfg["train_len"],
-                             ntk_factor=cfg["ntk_factor"], yarn_alpha=cfg["yarn_alpha"], yarn_beta=cfg["yarn_beta"],
-                             max_scale=cfg["max_scale"], snap_all_bands=cfg["snap_all_bands"],
-                             snap_in_window=cfg["snap_in_window"])
+    """``UltraFluxPosEmbed`` from params.yaml's complete, validated ``rope`` section (``ultraflux.config``)."""
+    return UltraFluxPosEmbed(theta=rope_cfg["theta"], axes_dim=list(axes_dim), kind=rope_cfg["kind"],
+                             train_len=rope_cfg["train_len"], ntk_factor=rope_cfg["ntk_factor"],
+                             yarn_alpha=rope_cfg["yarn_alpha"], yarn_beta=rope_cfg["yarn_beta"],
+                             max_scale=rope_cfg["max_scale"], snap_all_bands=rope_cfg["snap_all_bands"],
+                             snap_in_window=rope_cfg["snap_in_window"])

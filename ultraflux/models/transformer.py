@@ -23,15 +23,16 @@ from diffusers import FluxTransformer2DModel
 
 from ultraflux.io import write_json
 from ultraflux.models.release import RELEASE_ROPE_KEYS, RopeMismatchError, check_rope, quiet_config_keys, release_rope
-from ultraflux.models.rope import DEFAULTS as ROPE_DEFAULTS
-from ultraflux.models.rope import build_pos_embed, rope_settings
+from ultraflux.models.rope import build_pos_embed
+from ultraflux.schema import Rope
 
 LATENT_CHANNELS = 16  # Flux VAE latents; 2x2 packing gives in_channels = 64
 
 WEIGHTS_CONFIG = "ultraflux.json"   # beside config.json: the settings the weights were trained with
 ROPE_FROM = ("weights", "params")
 # rope keys that change the model's output (max_scale only sets when a warning is printed)
-MODEL_ROPE_KEYS = tuple(k for k in ROPE_DEFAULTS if k != "max_scale")
+MODEL_ROPE_KEYS = tuple(k for k in Rope.model_fields if k != "max_scale")
+ROPE_KEYS = tuple(Rope.model_fields)
 
 __all__ = ["LATENT_CHANNELS", "RopeMismatchError", "build_transformer", "check_model_dir", "load_transformer",
            "parameter_count", "release_rope", "write_weights_config", "swap_rope"]
@@ -66,7 +67,7 @@ def resolve_rope(path: str | Path, rope_cfg: dict, rope_from: str = "weights") -
     saved = trained_rope(path)
     if saved is None or rope_from == "params":
         return rope_cfg
-    ours = rope_settings(rope_cfg)
+    ours = {k: rope_cfg[k] for k in ROPE_KEYS}
     bad = [f"rope.{k}: weights {saved[k]!r}, params.yaml {ours[k]!r}" for k in MODEL_ROPE_KEYS
            if k in saved and saved[k] != ours[k]]
     if bad:
@@ -115,7 +116,7 @@ def load_transformer(path: str | Path, rope_cfg: dict, rope_from: str = "weights
 
 def write_weights_config(path: str | Path, rope_cfg: dict) -> None:
     """``<path>/ultraflux.json``: the RoPE settings the weights in ``path`` were trained with."""
-    write_json(Path(path) / WEIGHTS_CONFIG, {"rope": rope_settings(rope_cfg)})
+    write_json(Path(path) / WEIGHTS_CONFIG, {"rope": {k: rope_cfg[k] for k in ROPE_KEYS}})
 
 
 def parameter_count(model_cfg: dict, init_dir: str | Path | None = None) -> int:

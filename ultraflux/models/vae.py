@@ -242,12 +242,11 @@ def build_vae(model_cfg: dict, seed: int = 0) -> AutoencoderKLF16:
     ``vae_pretrained`` = local dir -> ``load_vae`` (F16, or F8 adapted); "" -> tiny random init (seeded, independent
     of the global RNG) from ``tiny.vae_block_out_channels`` (the F8 body; F16 via the extra stride).
     """
-    if model_cfg.get("vae_pretrained"):
+    if model_cfg["vae_pretrained"]:
         return load_vae(model_cfg["vae_pretrained"])
-    tiny = model_cfg.get("tiny", {})
-    cfg = tiny_config(tiny.get("vae_block_out_channels", [16, 32, 32, 32]),
-                      layers_per_block=int(tiny.get("vae_layers_per_block", 1)),
-                      sample_size=int(tiny.get("vae_tile_size", 256)))
+    tiny = model_cfg["tiny"]
+    cfg = tiny_config(tiny["vae_block_out_channels"], layers_per_block=int(tiny["vae_layers_per_block"]),
+                      sample_size=int(tiny["vae_tile_size"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKLF16(**cfg)

@@ -21,7 +21,7 @@ generator)``) is FluxPipeline's.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -168,16 +168,13 @@ class UltraFluxPipeline(FluxPipeline):
         self.register_modules(transformer=transformer)
         if placement:
             self.place(placement["offload"], getattr(torch, placement["dtype"]), placement["device"],
-                       placement.get("memory", "none"))
+                       placement["memory"])
 
 
 def decode_settings_from(sample_cfg: dict) -> dict:
-    """``configure_decode`` keyword arguments from params.yaml's ``sample`` section (defaults for missing keys)."""
-    d = asdict(DecodeSettings())
-    return {"vae_tiling": str(sample_cfg.get("vae_tiling", d["vae_tiling"])),
-            "tiling_min_pixels": int(sample_cfg.get("vae_tiling_min_pixels", d["tiling_min_pixels"])),
-            "tile_size": int(sample_cfg.get("vae_tile_size", d["tile_size"])),
-            "vae_decode": str(sample_cfg.get("vae_decode", d["vae_decode"]))}
+    """``configure_decode`` keyword arguments from params.yaml's complete, validated ``sample`` section."""
+    return {"vae_tiling": str(sample_cfg["vae_tiling"]), "tiling_min_pixels": int(sample_cfg["vae_tiling_min_pixels"]),
+            "tile_size": int(sample_cfg["vae_tile_size"]), "vae_decode": str(sample_cfg["vae_decode"])}
 
 
 def load_pipeline(params: dict, transformer_dir: str | Path, vae_dir: str | Path,
@@ -189,18 +186,17 @@ def load_pipeline(params: dict, transformer_dir: str | Path, vae_dir: str | Path
     from ultraflux.models.transformer import load_transformer
     from ultraflux.models.vae import build_vae
 
-    sample_cfg = params.get("sample", {}) or {}
+    sample_cfg = params["sample"]
     decode = decode_settings_from(sample_cfg)            # validated before anything loads
-    _choice("offload", str(sample_cfg.get("offload", "none")), OFFLOAD_MODES)
-    dtype = resolve_dtype(sample_cfg.get("dtype", "auto"), default_device()) if place else torch.float32
+    _choice("offload", str(sample_cfg["offload"]), OFFLOAD_MODES)
+    dtype = resolve_dtype(sample_cfg["dtype"], default_device()) if place else torch.float32
     tok, te, tok2, te2 = build_text_encoders(params["model"], seed=params["seed"])
-    transformer = load_transformer(transformer_dir, params["rope"], rope_from=sample_cfg.get("rope_from", "weights"),
+    transformer = load_transformer(transformer_dir, params["rope"], rope_from=sample_cfg["rope_from"],
                                    torch_dtype=dtype)
     vae = build_vae({**params["model"], "vae_pretrained": str(vae_dir)})
     shift = params["dit_stage2"]["shift"]
     pipe = UltraFluxPipeline(static_shift_scheduler(shift), vae, te, tok, te2, tok2, transformer)
     pipe.configure_decode(**decode)
     if place:
-        pipe.place(offload=str(sample_cfg.get("offload", "none")), dtype=dtype,
-                   memory=str(sample_cfg.get("memory", "none")))
+        pipe.place(offload=str(sample_cfg["offload"]), dtype=dtype, memory=str(sample_cfg["memory"]))
     return pipe
