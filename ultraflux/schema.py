@@ -320,8 +320,8 @@ class DitStage(Section):                                 # seed Sec. 2.2 "DiT Tr
     max_grad_norm: Optional[NonNegFloat]
     gradient_checkpointing: Literal["auto", True, False]   # auto = on when CUDA is present
     val_every: PosInt                                    # steps between validation losses
-    ema: Optional[Ema] = None                            # null = no EMA (the seed's setting)
-    lora: Optional[Lora] = None                          # null = full fine-tune (the seed's setting)
+    ema: Optional[Ema]                                   # null = no EMA (the seed's setting)
+    lora: Optional[Lora]                                 # null = full fine-tune (the seed's setting)
 
     @model_validator(mode="after")
     def _range(self):

@@ -97,7 +97,7 @@ def load_encoders(params: dict, vae_dir: str | Path, device: torch.device, store
         raise ValueError(f"latent_cache.dtype must be one of {', '.join(STORE_DTYPES)}, got {store!r}")
     tok, te, tok2, te2 = build_text_encoders(params["model"], seed=params["seed"])
     vae = build_vae({**params["model"], "vae_pretrained": str(vae_dir)}).requires_grad_(False).eval()
-    max_len = params["model"]["tiny"]["text_max_length"] if not params["model"].get("pretrained") else 512
+    max_len = params["model"]["tiny"]["text_max_length"] if not params["model"]["pretrained"] else 512
     text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     version = sha256_json({"format": FORMAT, "vae": module_fingerprint(vae.encoder),
                            "scale": [vae.config.scaling_factor, vae.config.shift_factor],

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ultraflux.io import StageFailure, atomic_write_text, naming_disk_full, sha256_json
 from ultraflux.tracking import flatten
-from ultraflux.training.loop import decided_by_main
+from ultraflux.training.loop import TrainState, decided_by_main
 
 FINGERPRINT = "fingerprint.json"
 # Keys (leaf names) that never change the weights at a given step: how far to train, how often to validate /
@@ -85,20 +85,6 @@ def changed_keys(old: dict, new: dict) -> list[str]:
 
 def _utc_stamp() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-
-
-class TrainState:
-    """A loop's own state, registered with ``accelerator.register_for_checkpointing``: step, histories, extras."""
-
-    def __init__(self):
-        self.step, self.history, self.val_history, self.extra = 0, [], [], {}
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "history": self.history, "val_history": self.val_history, "extra": self.extra}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.history = int(state["step"]), list(state["history"])
-        self.val_history, self.extra = list(state.get("val_history", [])), dict(state.get("extra", {}))
 
 
 class Checkpointer:

@@ -27,34 +27,34 @@ Checkpoints (``ckpt_dir``): every ``checkpoint_every`` steps accelerate's ``save
 discriminator, both optimizers, the RNG states and the registered :class:`TrainState` (step, loss history, initial
 metrics), in the ``training/checkpoint.py`` layout shared with the DiT loop; a re-run resumes (``load_state``) and ends
 with the same weights as an uninterrupted run, also after ``steps`` was raised. The disk check, the stop on a
-non-finite loss or gradient norm and the RNG-neutral evaluations are the DiT loop's (``training/loop.py``). Held-out
-PSNR / SSIM / NMSE (``ultraflux.evaluation.reconstruction``, the seed Table 2 columns that need no learned weights)
-on the first ``eval_images`` held-out images every ``eval_every`` steps.
+non-finite loss or gradient norm and the RNG-neutral evaluations come with the loop both trainers run
+(``training/loop.py``). Held-out PSNR / SSIM / NMSE (``ultraflux.evaluation.reconstruction``, the seed Table 2 columns
+that need no learned weights) on the first ``eval_images`` held-out images every ``eval_every`` steps.
 """
 from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchmetrics.functional.image import structural_similarity_index_measure
-from tqdm import tqdm
 
 from ultraflux.data.shards import load_image_tensor
 from ultraflux.distributed import average_gradients, init_cpu_group, mean_over_processes
 from ultraflux.evaluation.reconstruction import reconstruction_metrics
 from ultraflux.io import atomic_path, naming_disk_full, sha256_file, sha256_json
 from ultraflux.models.lpips import LPIPS_BACKBONE_FILE, load_lpips  # noqa: F401 - LPIPS_BACKBONE_FILE for tests
-from ultraflux.training.checkpoint import Checkpointer, Fingerprint, TrainState
-from ultraflux.training.loop import (check_disk_space, check_finite, checkpoint_bytes, disk_needs, grad_norm_of,
-                                     rng_neutral)
+from ultraflux.training.checkpoint import Checkpointer, Fingerprint
 from ultraflux.training.layout import stage_layout
+from ultraflux.training.loop import (TrainLoop, check_training_disk, checkpoint_bytes, grad_norm_of, rng_neutral,
+                                     write_csv)
 
 PERCEPTUAL_STANDIN = "standin:1-ssim (no LPIPS weights)"
 
@@ -199,15 +199,159 @@ def generator_adv_loss(disc: nn.Module, recon: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- training
-def check_vae_disk(cfg: dict, ckpt: Checkpointer | None, out_dir: Path, models: list, trainable: list) -> None:
+def training_rows(cfg: dict, curated_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, held-out rows) of the curated manifest; no training image, or no image sizes, is an error."""
+    manifest = pd.read_parquet(curated_dir / "manifest.parquet")
+    train_rows, holdout_rows = select_vae_rows(manifest, cfg["flat_top_fraction"], cfg["eval_images"])
+    if train_rows.empty:
+        raise ValueError(f"vae: no kept training images in {curated_dir}/manifest.parquet")
+    for col in ("width", "height"):
+        if col not in train_rows.columns:
+            raise ValueError(f"vae: {curated_dir}/manifest.parquet has no '{col}' column (image sizes pick the crops)")
+    return train_rows, holdout_rows
+
+
+@dataclass
+class VaeModels:
+    """The VAE whose decoder trains, the frozen initial decoder D0, their optimizer, the optional discriminator."""
+
+    vae: Any
+    original_decoder: nn.Module
+    post_quant: nn.Module
+    trainable: list
+    optimizer: Any
+    disc: Any
+    opt_d: Any
+    lpips_model: Any
+    perceptual_name: str
+
+    @property
+    def checkpointed(self) -> tuple[list, list]:
+        """(models, trainable parameters) a checkpoint holds: the disk check's sizes."""
+        extra = list(self.disc.parameters()) if self.disc is not None else []
+        return [self.vae, self.disc], self.trainable + extra
+
+
+def build_models(params: dict, accelerator) -> VaeModels:
+    """Encoder frozen, decoder trainable (AdamW); with ``adversarial`` a PatchGAN discriminator seeded by seed + 1."""
+    from ultraflux.models.vae import build_vae
+
+    cfg, seed, device = params["vae_train"], params["seed"], accelerator.device
+    vae = build_vae(params["model"])
+    vae.encoder.requires_grad_(False)
+    if getattr(vae, "quant_conv", None) is not None:
+        vae.quant_conv.requires_grad_(False)
+    original_decoder = copy.deepcopy(vae.decoder).requires_grad_(False).eval().to(device)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    # no DDP wrapper (the loop calls vae.encode / vae.decode, not forward): gradients are averaged over processes
+    vae, optimizer = accelerator.prepare_model(vae, evaluation_mode=True), accelerator.prepare_optimizer(optimizer)
+    post_quant = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else torch.nn.Identity()
+    weights = cfg["lpips_weights"]
+    lpips_model = load_lpips(weights).to(device) if weights else None
+    perceptual_name = f"lpips:vgg ({weights})" if lpips_model is not None else PERCEPTUAL_STANDIN
+    disc = opt_d = None
+    if cfg["adversarial"]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            disc = PatchDiscriminator()
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.9), weight_decay=cfg["weight_decay"])
+        disc, opt_d = accelerator.prepare(disc, opt_d)
+    return VaeModels(vae, original_decoder, post_quant, trainable, optimizer, disc, opt_d, lpips_model,
+                     perceptual_name)
+
+
+def check_vae_disk(cfg: dict, ckpt: Checkpointer | None, out_dir: Path, models: VaeModels) -> None:
     """Room for ``keep_checkpoints`` + 1 checkpoints (all weights + AdamW state) and the final VAE, before training."""
-    n = sum(p.numel() for m in models if m is not None for p in m.parameters())
+    modules, trainable = models.checkpointed
+    n = sum(p.numel() for m in modules if m is not None for p in m.parameters())
     per = checkpoint_bytes(n, sum(p.numel() for p in trainable))
-    final = sum(p.numel() for p in models[0].parameters()) * 4
-    keep = "vae_train.keep_checkpoints"
-    check_disk_space("vae", disk_needs(keep, ckpt.dir if ckpt else None, out_dir, per, final,
-                                       int(cfg.get("keep_checkpoints", 2)), len(ckpt.checkpoints()) if ckpt else 0),
-                     keep)
+    final = sum(p.numel() for p in models.vae.parameters()) * 4
+    check_training_disk("vae", "vae_train.keep_checkpoints", cfg["keep_checkpoints"], ckpt, out_dir, per, final)
+
+
+@dataclass
+class VaeSteps:
+    """The VAE's parts of the :class:`~ultraflux.training.loop.TrainLoop`: one optimizer step and the held-out
+    evaluation."""
+
+    cfg: dict
+    loop: TrainLoop
+    models: VaeModels
+    sampler: CropSampler
+    accum: int
+    holdout_rows: pd.DataFrame
+    curated_dir: Path
+
+    def step(self, step: int, crops) -> dict:
+        """Optimizer step ``step`` (decoder, then the discriminator on the detached reconstructions): its record."""
+        m, cfg, accum, acc = self.models, self.cfg, self.accum, self.loop.accelerator
+        t0 = time.perf_counter()
+        m.vae.train()
+        use_adv = m.disc is not None and step > cfg["adv_start"]
+        sums = {"loss": 0.0, "loss_l2": 0.0, "loss_perceptual": 0.0, "loss_consistency": 0.0}
+        if use_adv:
+            sums.update({"loss_adv_g": 0.0, "loss_disc": 0.0})
+            m.disc.requires_grad_(False)          # the generator term must not train the discriminator
+        recons = []
+        for micro in range(accum):
+            x = next(crops).to(acc.device, non_blocking=True)
+            loss, terms, recon = self._losses(x, (step - 1) * accum + micro, use_adv)
+            if use_adv:
+                recons.append((x, recon.detach()))
+            acc.backward(loss / accum)
+            for k, v in terms.items():
+                sums[k] += float(v.detach()) / accum
+        average_gradients(m.trainable)
+        sums = mean_over_processes(sums)
+        grad_norm = grad_norm_of(m.trainable)
+        m.optimizer.step()
+        m.optimizer.zero_grad(set_to_none=True)
+        if use_adv:                               # discriminator step on the detached reconstructions
+            m.disc.requires_grad_(True)
+            for x, recon in recons:
+                d_loss = discriminator_loss(m.disc, x, recon)
+                acc.backward(d_loss / accum)
+                sums["loss_disc"] += float(d_loss.detach()) / accum
+            m.opt_d.step()
+            m.opt_d.zero_grad(set_to_none=True)
+        return {"step": step, **sums, "images_per_s": cfg["global_batch"] / (time.perf_counter() - t0),
+                "lr": m.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
+
+    def _losses(self, x: torch.Tensor, n: int, use_adv: bool):
+        """(loss, its terms, reconstruction) of crops ``x``, micro-batch ``n``'s posterior noise (module doc)."""
+        m, cfg = self.models, self.cfg
+        with torch.no_grad():                     # frozen encoder and frozen reference decoder only
+            dist = m.vae.encode(x).latent_dist
+            z = dist.mean + dist.std * self.sampler.noise(n, dist.mean.shape[1:]).to(dist.mean)
+            ref = m.original_decoder(m.post_quant(z))
+        recon = m.vae.decode(z).sample
+        terms = {"loss_l2": F.mse_loss(recon, x), "loss_perceptual": perceptual_loss(recon, x, m.lpips_model),
+                 "loss_consistency": F.mse_loss(recon, ref)}
+        loss = (cfg["lambda_l2"] * terms["loss_l2"] + cfg["lambda_perc"] * terms["loss_perceptual"]
+                + cfg["lambda_vae"] * terms["loss_consistency"])
+        if use_adv:
+            terms["loss_adv_g"] = generator_adv_loss(m.disc, recon)
+            loss = loss + cfg["lambda_adv"] * terms["loss_adv_g"]
+        return loss, {"loss": loss, **terms}, recon
+
+    def holdout_metrics(self) -> dict:
+        """PSNR / SSIM / NMSE on the held-out centre crops; RNG-neutral (how often it runs cannot change training)."""
+        if not len(self.holdout_rows):
+            return {}
+        with rng_neutral():
+            crops = holdout_crops(self.holdout_rows, self.curated_dir, int(self.cfg["resolution"]))
+            return reconstruction_metrics(self.models.vae.eval(), crops)
+
+    def evaluate(self, step: int) -> None:
+        """Step 0: the initial decoder's metrics (kept in the checkpointed state); later: into the step's record."""
+        metrics = self.holdout_metrics()
+        state, named = self.loop.state, {f"holdout_{k}": v for k, v in metrics.items()}
+        if step == 0:
+            state.extra["before"] = metrics
+        else:
+            state.history[-1].update(named)
+        self.loop.log(named, step)
 
 
 def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progress: bool = True,
@@ -219,151 +363,41 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
     """
     from accelerate import Accelerator
 
-    from ultraflux.models.vae import build_vae
-
     cfg, seed = params["vae_train"], params["seed"]
-    adversarial = bool(cfg.get("adversarial", False))
-    lam_adv, adv_start = float(cfg.get("lambda_adv", 0.05)), int(cfg.get("adv_start", 0))
-    lpips_weights = cfg.get("lpips_weights", "") or ""
-    size, workers = int(cfg["resolution"]), cfg["num_workers"]
-    batch_size, accum = stage_layout(cfg, "vae_train")   # global_batch over the launched processes
+    size, (batch_size, accum) = int(cfg["resolution"]), stage_layout(cfg, "vae_train")   # global_batch / processes
     torch.manual_seed(seed)
     curated_dir, out_dir = Path(curated_dir), Path(out_dir)
-    manifest = pd.read_parquet(curated_dir / "manifest.parquet")
-    train_rows, holdout_rows = select_vae_rows(manifest, cfg["flat_top_fraction"], cfg["eval_images"])
-    if train_rows.empty:
-        raise ValueError(f"vae: no kept training images in {curated_dir}/manifest.parquet")
-    for col in ("width", "height"):
-        if col not in train_rows.columns:
-            raise ValueError(f"vae: {curated_dir}/manifest.parquet has no '{col}' column (image sizes pick the crops)")
-
+    train_rows, holdout_rows = training_rows(cfg, curated_dir)
     init_cpu_group()   # several CPU processes: gloo, MULTI_CPU (else accelerate sees no distributed run)
     accelerator = Accelerator(mixed_precision="no")   # fp32 decoder training; accelerate keeps device and state
-    device = accelerator.device
-    vae = build_vae(params["model"])
-    vae.encoder.requires_grad_(False)
-    if getattr(vae, "quant_conv", None) is not None:
-        vae.quant_conv.requires_grad_(False)
-    original_decoder = copy.deepcopy(vae.decoder).requires_grad_(False).eval().to(device)
-    trainable = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    # no DDP wrapper (the loop calls vae.encode / vae.decode, not forward): gradients are averaged over processes
-    vae, optimizer = accelerator.prepare_model(vae, evaluation_mode=True), accelerator.prepare_optimizer(optimizer)
-    post_quant = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else torch.nn.Identity()
-    lam_l2, lam_perc, lam_vae = cfg["lambda_l2"], cfg["lambda_perc"], cfg["lambda_vae"]
-    lpips_model = load_lpips(lpips_weights).to(device) if lpips_weights else None
-    perceptual_name = f"lpips:vgg ({lpips_weights})" if lpips_model is not None else PERCEPTUAL_STANDIN
-    disc = opt_d = None
-    if adversarial:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 1)
-            disc = PatchDiscriminator()
-        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg["lr"], betas=(0.5, 0.9), weight_decay=cfg["weight_decay"])
-        disc, opt_d = accelerator.prepare(disc, opt_d)
+    models = build_models(params, accelerator)
     if logger is not None:
-        logger.set_tags({"vae.perceptual": perceptual_name, "vae.adversarial": str(adversarial)})
-
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+        logger.set_tags({"vae.perceptual": models.perceptual_name, "vae.adversarial": str(cfg["adversarial"])})
     ckpt = None
     if ckpt_dir is not None:
-        ckpt = Checkpointer(ckpt_dir, "vae", cfg.get("keep_checkpoints", 2), accelerator)
+        ckpt = Checkpointer(ckpt_dir, "vae", cfg["keep_checkpoints"], accelerator)
         ckpt.reconcile(Fingerprint.of({"vae_train": cfg, "model": params["model"], "seed": seed,
                                        "manifest_sha256": sha256_file(curated_dir / "manifest.parquet")},
                                       world={"num_processes": accelerator.num_processes}), cfg["steps"])
-    check_vae_disk(cfg, ckpt, out_dir, [vae, disc], trainable + (list(disc.parameters()) if disc is not None else []))
-    if ckpt is not None:
-        ckpt.resume(accelerator, state, cfg["steps"])
-    every = int(cfg.get("checkpoint_every", 100))
+    loop = TrainLoop("vae", accelerator, ckpt, cfg["steps"], cfg["eval_every"], cfg["checkpoint_every"], logger,
+                     progress)
+    check_vae_disk(cfg, ckpt, out_dir, models)
+    loop.resume()
     sampler = CropSampler(list(zip(train_rows["width"].astype(int), train_rows["height"].astype(int))),
                           batch_size, size, seed, accelerator.process_index, accelerator.num_processes, accum)
-    sampler.seek(state.step * accum)
-    crops = iter(DataLoader(CropDataset(train_rows, curated_dir, size), batch_sampler=sampler, num_workers=workers,
-                            prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available()))
+    run = VaeSteps(cfg, loop, models, sampler, accum, holdout_rows, curated_dir)
+    loop.run(loop.stream(CropDataset(train_rows, curated_dir, size), sampler, accum, cfg["num_workers"], 2),
+             run.step, run.evaluate, on_step)
 
-    def holdout_metrics() -> dict:
-        if not len(holdout_rows):
-            return {}
-        with rng_neutral():    # how often evaluation runs must not change the trajectory
-            return reconstruction_metrics(vae.eval(), holdout_crops(holdout_rows, curated_dir, size))
-
-    if "before" not in state.extra:   # metrics of the initial decoder (a resumed run takes them from its checkpoint)
-        state.extra["before"] = holdout_metrics()
-    before = state.extra["before"]
-    if logger is not None and before and state.step == 0:
-        logger.log_metrics({f"holdout_{k}": v for k, v in before.items()}, step=0)
-    bar = tqdm(total=cfg["steps"], initial=state.step, desc="vae",
-               disable=not (progress and accelerator.is_main_process))
-    while state.step < cfg["steps"]:
-        step = state.step + 1
-        t0 = time.perf_counter()
-        vae.train()
-        use_adv = disc is not None and step > adv_start
-        sums = {"loss": 0.0, "loss_l2": 0.0, "loss_perceptual": 0.0, "loss_consistency": 0.0}
-        if use_adv:
-            sums.update({"loss_adv_g": 0.0, "loss_disc": 0.0})
-            disc.requires_grad_(False)            # the generator term must not train the discriminator
-        recons = []
-        for micro in range(accum):
-            x = next(crops).to(device, non_blocking=True)
-            with torch.no_grad():                 # frozen encoder and frozen reference decoder only
-                dist = vae.encode(x).latent_dist
-                z = dist.mean + dist.std * sampler.noise(state.step * accum + micro, dist.mean.shape[1:]).to(dist.mean)
-                ref = original_decoder(post_quant(z))
-            recon = vae.decode(z).sample
-            l2 = F.mse_loss(recon, x)
-            perc = perceptual_loss(recon, x, lpips_model)
-            consistency = F.mse_loss(recon, ref)
-            loss = lam_l2 * l2 + lam_perc * perc + lam_vae * consistency
-            if use_adv:
-                adv = generator_adv_loss(disc, recon)
-                loss = loss + lam_adv * adv
-                sums["loss_adv_g"] += float(adv.detach()) / accum
-                recons.append((x, recon.detach()))
-            accelerator.backward(loss / accum)
-            for k, v in (("loss", loss), ("loss_l2", l2), ("loss_perceptual", perc), ("loss_consistency", consistency)):
-                sums[k] += float(v.detach()) / accum
-        average_gradients(trainable)
-        sums = mean_over_processes(sums)
-        grad_norm = grad_norm_of(trainable)
-        check_finite("vae", step, sums["loss"], grad_norm, optimizer.param_groups[0]["lr"],
-                     ckpt.latest() if ckpt is not None else None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if use_adv:                               # discriminator step on the detached reconstructions
-            disc.requires_grad_(True)
-            for x, recon in recons:
-                d_loss = discriminator_loss(disc, x, recon)
-                accelerator.backward(d_loss / accum)
-                sums["loss_disc"] += float(d_loss.detach()) / accum
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-        state.step = step
-        record = {"step": step, **sums, "images_per_s": cfg["global_batch"] / (time.perf_counter() - t0),
-                  "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
-        if len(holdout_rows) and (step % cfg["eval_every"] == 0 or step == cfg["steps"]):
-            record.update({f"holdout_{k}": v for k, v in holdout_metrics().items()})
-        state.history.append(record)
-        if logger is not None:
-            logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if on_step is not None:
-            on_step(step)
-        if ckpt is not None and (step % every == 0 or step == cfg["steps"]):
-            ckpt.save(accelerator, step)
-    bar.close()
-    del crops   # stops the DataLoader workers
-
-    vae = accelerator.unwrap_model(vae)
+    vae = accelerator.unwrap_model(models.vae)
     if accelerator.is_main_process:   # the ranks hold the same weights; one writes them
         with naming_disk_full(out_dir, "vae final weights and loss curve"):
             with atomic_path(out_dir / "vae") as tmp:
                 vae.eval().save_pretrained(tmp)
-            with atomic_path(out_dir / "loss.csv") as tmp:
-                pd.DataFrame(state.history).to_csv(tmp, index=False)
-    after = holdout_metrics()
-    return {"final_loss": state.history[-1]["loss"] if state.history else float("nan"),
+            write_csv(out_dir / "loss.csv", loop.state.history)
+    before, after = loop.state.extra["before"], run.holdout_metrics()
+    return {"final_loss": loop.state.history[-1]["loss"] if loop.state.history else float("nan"),
             "num_train_images": len(train_rows), "num_holdout_images": len(holdout_rows),
             **{f"holdout_{k}_before": v for k, v in before.items()}, **{f"holdout_{k}": v for k, v in after.items()},
-            "perceptual": perceptual_name, "adversarial": adversarial, "num_processes": accelerator.num_processes}
+            "perceptual": models.perceptual_name, "adversarial": cfg["adversarial"],
+            "num_processes": accelerator.num_processes}
