@@ -29,8 +29,8 @@ from training_fixtures import png, write_curated
 pytestmark = pytest.mark.slow
 
 SIZE = 64            # px: 4x4 latents (F16), 2x2 packed tokens, inside the tiny RoPE training window
-VAE_STEPS = 300
-DIT_STEPS = 400
+VAE_STEPS = 400
+DIT_STEPS = 800
 SAMPLE_STEPS = 16    # Euler steps of the pipeline
 # A sample counts as its picture when PSNR >= PSNR_MIN: the four pictures are at most ~10 dB apart from each other
 # (printed as the "pictures" matrix), so 15 dB is far from any other picture yet below what the trained VAE
@@ -92,13 +92,41 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+LOGVAR = -10.0   # the initial encoder's posterior log-variance: std e^-5, nearly deterministic like Flux's
+
+
+@torch.no_grad()
+def initial_vae(params: dict, pixels: torch.Tensor, path) -> None:
+    """The tiny F16 VAE of params.yaml (``build_vae``), made to look like a pretrained one where ``train_vae`` relies on
+    it, saved to ``path`` for ``model.vae_pretrained``.
+
+    ``train_vae`` post-trains the decoder of a *pretrained* VAE (seed Sec. 2.2): its frozen encoder's posterior is
+    nearly deterministic and its scaling/shift factors give the DiT unit-variance latents. A random-init encoder has
+    neither: its posterior std is ~1, three times the spread of its means (no decoder recovers the picture from such a
+    sample), and Flux's factors leave its latents at std ~0.1. So the posterior's log-variance is set to ``LOGVAR``
+    and the factors are measured on the pictures, as a VAE's are (mean and std of the latents). Factors other than
+    Flux's constants also show that cache and pipeline both read the VAE's own.
+    """
+    from ultraflux.models.vae import LATENT_CHANNELS, build_vae
+
+    vae = build_vae(params["model"], seed=params["seed"])
+    conv = vae.encoder.conv_out                       # 2 x 16 channels: posterior mean, then log-variance
+    conv.weight[LATENT_CHANNELS:] = 0.0
+    conv.bias[LATENT_CHANNELS:] = LOGVAR
+    z = vae.encode(pixels).latent_dist.mode()
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
+    vae.save_pretrained(path)
+
+
 @pytest.fixture(scope="module")
 def trained_vae(tmp_path_factory):
-    """(params, curated dir, VAE dir): the tiny F16 VAE post-trained on the four pictures by ``train_vae``."""
+    """(params, curated dir, VAE dir): the tiny F16 VAE's decoder post-trained on the four pictures by ``train_vae``."""
     from ultraflux.training.vae import train_vae
 
     tmp = tmp_path_factory.mktemp("learning")
     params = learning_params(tmp)
+    initial_vae(params, torch.cat([as_tensor(img) * 2 - 1 for img in IMAGES]), tmp / "vae_init")
+    params["model"]["vae_pretrained"] = str(tmp / "vae_init")
     curated = write_curated(tmp / "curated", [
         {"data": png(Image.fromarray(img)), "caption": caption, "bucket": "1:1", "width": SIZE, "height": SIZE,
          "split": "train", "texture_rank": 1.0} for img, caption in zip(IMAGES, CAPTIONS)])
