@@ -1,12 +1,13 @@
 """Bucket sampler, flow-matching timestep conventions (seed Sec. 2.2, Table 3), memory settings and accounting,
 validation protocol, parameter checks."""
+import copy
 import itertools
 
 import pytest
 import torch
 
 from conftest import ROOT
-from ultraflux.training.flow import pack, sample_sigmas, sigma_table, unpack
+from ultraflux.training.flow import pack, predict_velocity, sample_sigmas, sigma_table, unpack
 from ultraflux.training.memory import gradient_checkpointing, zero2_memory
 from ultraflux.training.sampler import BucketBatchSampler
 from ultraflux.training.validation import VAL_COLUMNS, VAL_SIGMAS, fixed_noise
@@ -28,6 +29,27 @@ def test_stage2_range_is_the_high_noise_end():
 def test_pack_unpack_roundtrip():
     x = torch.randn(2, 16, 6, 10)
     assert torch.equal(unpack(pack(x), 6, 10), x)
+
+
+@pytest.mark.parametrize("embeds", [True, False], ids=["guidance-embedding", "no-guidance-embedding"])
+def test_training_feeds_guidance_only_to_a_guidance_embedding_transformer(params, embeds):
+    """As FluxPipeline does: a transformer without a guidance embedding (FLUX.1-schnell, ``model.tiny.guidance_embeds:
+    false``) takes none; feeding it one failed with diffusers' TypeError."""
+    from ultraflux.models.transformer import build_transformer
+
+    model_cfg = copy.deepcopy(params["model"])
+    model_cfg["tiny"]["guidance_embeds"] = embeds
+    transformer = build_transformer(model_cfg, params["rope"])
+    g = torch.Generator().manual_seed(0)
+    tiny = model_cfg["tiny"]
+    x = torch.randn(1, 16, 4, 4, generator=g)
+    text = torch.randn(1, 8, tiny["joint_attention_dim"], generator=g)
+    pooled = torch.randn(1, tiny["pooled_projection_dim"], generator=g)
+    with torch.no_grad():
+        v1, v4 = (predict_velocity(transformer, x, torch.tensor([0.5]), text, pooled, torch.float32, guidance=s)
+                  for s in (1.0, 4.0))
+    assert v1.shape == x.shape
+    assert (not torch.equal(v1, v4)) == embeds, "the guidance value must reach exactly the guidance-embedding model"
 
 
 def test_bucket_batches_single_bucket_disjoint_equal_across_ranks():
