@@ -36,7 +36,7 @@ def make_curated(root: Path, counts: dict[str, int] | None = None, holdout: int 
         for k in range(count + (holdout if bucket == "1:1" else 0)):
             # smooth-ish random image: low-res noise upsampled, so reconstructions are learnable
             small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-            data = png(Image.fromarray(small).resize((w, h), Image.BILINEAR)) if n not in corrupt else b"not an image" * 10
+            data = b"not an image" * 10 if n in corrupt else png(Image.fromarray(small).resize((w, h), Image.BILINEAR))
             samples.append({"data": data, "caption": f"a test picture number {n}", "bucket": bucket, "width": w,
                             "height": h, "split": "holdout" if k >= count else "train",
                             "texture_rank": float(rng.random())})
