@@ -1,6 +1,5 @@
 """Bucket sampler, flow-matching timestep conventions (seed Sec. 2.2, Table 3), training and sampling feeding the
-transformer alike, memory settings and accounting,
-validation protocol, parameter checks."""
+transformer alike, memory settings and accounting, validation protocol, parameter checks."""
 import copy
 import itertools
 
