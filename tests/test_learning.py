@@ -169,15 +169,12 @@ def psnr_matrix(samples, pictures) -> np.ndarray:
 
 @torch.no_grad()
 def reconstruction_psnr(vae_dir) -> list[float]:
-    from ultraflux.evaluation.reconstruction import reconstruct
+    from ultraflux.evaluation.reconstruction import image_metrics, reconstruct
     from ultraflux.models.vae import load_vae
 
     vae = load_vae(vae_dir).eval()
-    out = []
-    for img in IMAGES:
-        r = reconstruct(vae, as_tensor(img) * 2 - 1).clamp(-1, 1)
-        out.append(float(peak_signal_noise_ratio((r + 1) / 2, as_tensor(img), data_range=1.0)))
-    return out
+    pixels = [as_tensor(img) * 2 - 1 for img in IMAGES]
+    return [image_metrics(x, reconstruct(vae, x))["psnr"] for x in pixels]
 
 
 def train_and_sample(params: dict, curated, vae_dir, out) -> np.ndarray:
@@ -191,6 +188,8 @@ def train_and_sample(params: dict, curated, vae_dir, out) -> np.ndarray:
                        progress=False)
     t1 = time.perf_counter()
     pipe = load_pipeline(params, out / "transformer", vae_dir)
+    # the sampler as configured: guidance_scale 4 although training feeds 1 (flow.GUIDANCE_TRAIN); at 1 the samples
+    # score up to 4.6 dB higher (the square: 24.5 instead of 19.9 dB)
     cfg = params["sample"]
     samples = [generate(pipe, caption, SIZE, SIZE, cfg["num_inference_steps"], cfg["guidance_scale"],
                         params["seed"] + i) for i, caption in enumerate(CAPTIONS)]
