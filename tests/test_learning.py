@@ -37,12 +37,12 @@ pytestmark = pytest.mark.slow
 
 SIZE = 64            # px: 4x4 latents (F16), 2x2 packed tokens, inside the tiny RoPE training window
 VAE_STEPS = 400
-DIT_STEPS = 800
+DIT_STEPS = 600
 SAMPLE_STEPS = 16    # Euler steps of the pipeline
 # A sample counts as its picture when PSNR >= PSNR_MIN: any two pictures are at most 8.6 dB apart (the printed
-# "picture" matrix; the test asserts < PSNR_MIN - 3) and unmemorised or flipped-sign samples stay near 5-12 dB, while
+# "picture" matrix; the test asserts < PSNR_MIN - 3) and unmemorised or flipped-sign samples stay at 5-12 dB, while
 # the trained VAE reconstructs the pictures at 24-29 dB (asserted >= VAE_PSNR_MIN) and memorised samples land at
-# 20-28 dB: 15 dB is well clear of both sides.
+# 23-28 dB: 15 dB is well clear of both sides. (400 DiT steps at lr 3e-3 leave the square at 13 dB: not memorised.)
 PSNR_MIN = 15.0
 VAE_PSNR_MIN = 20.0
 
@@ -86,7 +86,7 @@ def learning_params(tmp) -> dict:
         lambda_vae=0.0)          # the consistency term pulls towards the random-init decoder: noise, not pictures
     p["latent_cache"].update(dir=str(tmp / "latents"), num_workers=0)
     p["validation"].update(images=0, prompts=[])
-    p["dit_stage1"].update(steps=DIT_STEPS, batch_size=4, global_batch=4, lr=1e-3, val_every=DIT_STEPS,
+    p["dit_stage1"].update(steps=DIT_STEPS, batch_size=4, global_batch=4, lr=1.5e-3, val_every=DIT_STEPS,
                            checkpoint_every=DIT_STEPS, keep_checkpoints=1, gradient_checkpointing=False)
     p["sample"].update(num_inference_steps=SAMPLE_STEPS)
     return validate(p, check_paths=False)
@@ -188,8 +188,8 @@ def train_and_sample(params: dict, curated, vae_dir, out) -> np.ndarray:
                        progress=False)
     t1 = time.perf_counter()
     pipe = load_pipeline(params, out / "transformer", vae_dir)
-    # the sampler as configured: guidance_scale 4 although training feeds 1 (flow.GUIDANCE_TRAIN); at 1 the samples
-    # score up to 4.6 dB higher (the square: 24.5 instead of 19.9 dB)
+    # the sampler as configured: guidance_scale 4 although training feeds 1 (flow.GUIDANCE_TRAIN); after 800 steps at
+    # lr 1e-3, sampling at 1 scored up to 4.6 dB higher (the square: 24.5 instead of 19.9 dB)
     cfg = params["sample"]
     samples = [generate(pipe, caption, SIZE, SIZE, cfg["num_inference_steps"], cfg["guidance_scale"],
                         params["seed"] + i) for i, caption in enumerate(CAPTIONS)]
