@@ -1,12 +1,13 @@
-"""Bucket sampler, flow-matching timestep conventions (seed Sec. 2.2, Table 3), memory settings and accounting,
-validation protocol, parameter checks."""
+"""Bucket sampler, flow-matching timestep conventions (seed Sec. 2.2, Table 3), training and sampling feeding the
+transformer alike, memory settings and accounting, validation protocol, parameter checks."""
+import copy
 import itertools
 
 import pytest
 import torch
 
 from conftest import ROOT
-from ultraflux.training.flow import pack, sample_sigmas, sigma_table, unpack
+from ultraflux.training.flow import pack, predict_velocity, sample_sigmas, sigma_table, unpack
 from ultraflux.training.memory import gradient_checkpointing, zero2_memory
 from ultraflux.training.sampler import BucketBatchSampler
 from ultraflux.training.validation import VAL_COLUMNS, VAL_SIGMAS, fixed_noise
@@ -28,6 +29,63 @@ def test_stage2_range_is_the_high_noise_end():
 def test_pack_unpack_roundtrip():
     x = torch.randn(2, 16, 6, 10)
     assert torch.equal(unpack(pack(x), 6, 10), x)
+
+
+@pytest.mark.parametrize("embeds", [True, False], ids=["guidance-embedding", "no-guidance-embedding"])
+def test_training_feeds_guidance_only_to_a_guidance_embedding_transformer(params, embeds):
+    """As FluxPipeline does: a transformer without a guidance embedding (FLUX.1-schnell, ``model.tiny.guidance_embeds:
+    false``) takes none; feeding it one failed with diffusers' TypeError."""
+    from ultraflux.models.transformer import build_transformer
+
+    model_cfg = copy.deepcopy(params["model"])
+    model_cfg["tiny"]["guidance_embeds"] = embeds
+    transformer = build_transformer(model_cfg, params["rope"])
+    g = torch.Generator().manual_seed(0)
+    tiny = model_cfg["tiny"]
+    x = torch.randn(1, 16, 4, 4, generator=g)
+    text = torch.randn(1, 8, tiny["joint_attention_dim"], generator=g)
+    pooled = torch.randn(1, tiny["pooled_projection_dim"], generator=g)
+    with torch.no_grad():
+        v1, v4 = (predict_velocity(transformer, x, torch.tensor([0.5]), text, pooled, torch.float32, guidance=s)
+                  for s in (1.0, 4.0))
+    assert v1.shape == x.shape
+    assert (not torch.equal(v1, v4)) == embeds, "the guidance value must reach exactly the guidance-embedding model"
+
+
+def test_training_gives_the_transformer_what_the_pipeline_gives_it(params):
+    """At each step of a sampling run, ``predict_velocity`` on the same noisy latents and sigma feeds the transformer
+    exactly what FluxPipeline does (packed latents, timestep = sigma, guidance, text and position ids), and the
+    pipeline's sigmas are training's shifted table (``sigma_table``)."""
+    from ultraflux.models.transformer import build_transformer
+    from ultraflux.models.vae import build_vae
+    from ultraflux.pipelines.pipeline_ultraflux import UltraFluxPipeline, static_shift_scheduler
+    from ultraflux.training.flow import GUIDANCE_TRAIN
+
+    shift, size, tiny = 3.0, 64, params["model"]["tiny"]
+    transformer = build_transformer(params["model"], params["rope"]).eval()
+    calls = []
+    transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    pipe = UltraFluxPipeline(static_shift_scheduler(shift), build_vae(params["model"]), None, None, None, None,
+                             transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 8, tiny["joint_attention_dim"], generator=g)
+    pooled = torch.randn(1, tiny["pooled_projection_dim"], generator=g)
+    with torch.no_grad():
+        pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, height=size, width=size, num_inference_steps=2,
+             guidance_scale=GUIDANCE_TRAIN, generator=g, output_type="latent")
+        sampled, calls[:] = list(calls), []
+        sigmas = pipe.scheduler.sigmas[:2]
+        for kw, sigma in zip(sampled, sigmas):
+            x_t = unpack(kw["hidden_states"], size // 16, size // 16)
+            predict_velocity(transformer, x_t, sigma.reshape(1), text, pooled, torch.float32)
+    assert torch.allclose(sigmas.double(), sigma_table(shift)[[0, 500]], atol=1e-6)   # sigmas 1, 0.5 shifted
+    for kw_sample, kw_train in zip(sampled, calls, strict=True):
+        assert set(kw_sample) <= set(kw_train) | {"joint_attention_kwargs", "return_dict"}
+        for name in ("hidden_states", "guidance", "pooled_projections", "encoder_hidden_states", "txt_ids",
+                     "img_ids"):
+            assert torch.equal(kw_sample[name], kw_train[name]), name
+        assert torch.allclose(kw_sample["timestep"], kw_train["timestep"], atol=1e-6)
 
 
 def test_bucket_batches_single_bucket_disjoint_equal_across_ranks():

@@ -30,25 +30,39 @@ def make_curated(root: Path, counts: dict[str, int] | None = None, holdout: int 
     counts = counts or {"1:1": 6, "2:1": 4, "1:2": 4}
     sizes = sizes or TINY_BUCKETS
     rng = np.random.default_rng(seed)
-    rows, n = [], 0
-    writers = {split: ShardWriter(root / SHARD_DIR, split, root, max_count=5) for split in ("train", "holdout")}
+    samples, n = [], 0
     for bucket, count in counts.items():
         w, h = sizes[bucket]
         for k in range(count + (holdout if bucket == "1:1" else 0)):
             # smooth-ish random image: low-res noise upsampled, so reconstructions are learnable
             small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(small).resize((w, h), Image.BILINEAR).save(buf, format="PNG")
-            data = buf.getvalue() if n not in corrupt else b"not an image" * 10
-            split = "holdout" if k >= count else "train"
-            caption = f"a test picture number {n}"
-            key = f"img{n:04d}"
-            loc = writers[split].write(key, {"png": data, "txt": caption.encode(),
-                                             "json": json.dumps({"id": key}).encode()})
-            rows.append({"id": key, "caption": caption, "bucket": bucket, "width": w, "height": h, "kept": True,
-                         "split": split, "stage2": n % 2 == 0, "texture_rank": float(rng.random()),
-                         "shard": loc.shard, "key": loc.key, "offset": loc.offset, "nbytes": loc.nbytes})
+            data = b"not an image" * 10 if n in corrupt else png(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+            samples.append({"data": data, "caption": f"a test picture number {n}", "bucket": bucket, "width": w,
+                            "height": h, "split": "holdout" if k >= count else "train",
+                            "texture_rank": float(rng.random())})
             n += 1
+    return write_curated(root, samples)
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_curated(root: Path, samples: list[dict]) -> Path:
+    """The curated layout of ``samples`` (dicts: ``data`` image bytes, ``caption``, ``bucket``, ``width``, ``height``,
+    ``split``, ``texture_rank``): shards of at most 5 images per split and the manifest (every row kept; ``stage2``
+    on every other row)."""
+    rows = []
+    writers = {split: ShardWriter(root / SHARD_DIR, split, root, max_count=5) for split in ("train", "holdout")}
+    for n, s in enumerate(samples):
+        key = f"img{n:04d}"
+        loc = writers[s["split"]].write(key, {"png": s["data"], "txt": s["caption"].encode(),
+                                               "json": json.dumps({"id": key}).encode()})
+        rows.append({"id": key, **{c: s[c] for c in ("caption", "bucket", "width", "height")}, "kept": True,
+                     "split": s["split"], "stage2": n % 2 == 0, "texture_rank": s["texture_rank"],
+                     "shard": loc.shard, "key": loc.key, "offset": loc.offset, "nbytes": loc.nbytes})
     for writer in writers.values():
         writer.close()
     pd.DataFrame(rows).to_parquet(root / "manifest.parquet", index=False)

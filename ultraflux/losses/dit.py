@@ -62,6 +62,12 @@ from ultraflux.losses.wavelet import SUBBANDS, haar_dwt2
 OBJECTIVES = ("l2", "ultraflux")
 
 
+def velocity_target(noise: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """v = n - x0 = d x_t / d sigma: what the DiT learns to predict and what the sampler's Euler steps integrate
+    (``FlowMatchEulerDiscreteScheduler``: x_{sigma'} = x_sigma + (sigma' - sigma) v_hat, sigma from 1 down to 0)."""
+    return noise.float() - latents.float()
+
+
 def flow_snr(sigmas: torch.Tensor) -> torch.Tensor:
     """SNR = ((1 - sigma) / sigma)^2 for x_t = (1 - sigma) x0 + sigma n."""
     s = sigmas.clamp(min=1e-6, max=1.0)
@@ -171,7 +177,7 @@ def dit_loss(model_pred: torch.Tensor, noise: torch.Tensor, latents: torch.Tenso
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    dv = model_pred.float() - (noise.float() - latents.float())              # v_hat - v
+    dv = model_pred.float() - velocity_target(noise, latents)               # v_hat - v
     if objective == "l2":
         loss = dv.square().mean()
         v = float(loss.detach())

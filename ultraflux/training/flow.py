@@ -47,6 +47,14 @@ def image_ids(h: int, w: int, device, dtype=torch.float32) -> torch.Tensor:
 GUIDANCE_TRAIN = 1.0  # embedded-guidance value fed during training (FLUX.1-dev fine-tuning convention)
 
 
+def guidance_embedded(transformer) -> bool:
+    """Whether the (possibly DDP/DeepSpeed-wrapped) transformer embeds a guidance value (FLUX.1-dev) or takes none
+    (FLUX.1-schnell, ``model.tiny.guidance_embeds: false``); FluxPipeline feeds guidance only to the former."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return bool(extract_model_from_parallel(transformer).config.guidance_embeds)
+
+
 def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
                      pooled: torch.Tensor, dtype: torch.dtype, guidance: float = GUIDANCE_TRAIN) -> torch.Tensor:
     """Velocity prediction [B, C, H, W] (fp32) for unpacked noisy latents ``x_t`` at ``sigmas`` [B], as trained."""
@@ -54,7 +62,7 @@ def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, promp
     device = x_t.device
     pred = transformer(
         hidden_states=pack(x_t).to(dtype), timestep=sigmas.to(dtype),
-        guidance=torch.full((bsz,), guidance, device=device, dtype=dtype),
+        guidance=torch.full((bsz,), guidance, device=device, dtype=dtype) if guidance_embedded(transformer) else None,
         pooled_projections=pooled.to(device, dtype), encoder_hidden_states=prompt_embeds.to(device, dtype),
         txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device), img_ids=image_ids(h, w, device),
         return_dict=False)[0]

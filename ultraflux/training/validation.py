@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ultraflux.io import sha256_json
-from ultraflux.losses import dit_loss
+from ultraflux.losses import dit_loss, velocity_target
 from ultraflux.training.flow import predict_velocity
 
 VAL_SIGMAS = tuple(k / 8 for k in range(8))   # MLPerf text-to-image (Flux.1): 8 equidistant timesteps in [0, 7/8]
@@ -63,7 +63,7 @@ def validation_sums(model, dataset, seed: int, objective: str, loss_cfg: dict, d
             sigma = torch.full((1,), s, device=device)
             v = predict_velocity(model, (1 - s) * x0 + s * noise, sigma, item["prompt_embeds"][None],
                                  item["pooled"][None], dtype)
-            sums[0, k] += float((v - (noise - x0)).square().mean())
+            sums[0, k] += float((v - velocity_target(noise, x0)).square().mean())
             sums[1, k] += float(dit_loss(v, noise, x0, sigma, objective, loss_cfg)[0])
     return sums
 
