@@ -217,18 +217,24 @@ def reason_from_log(text: str) -> str:
     return reason[:1000]
 
 
-def manifest_sha256(repo: Path, rev: str) -> str:
-    """sha256 of the curated manifest of the experiment commit ``rev``, read through DVC's public API."""
+def manifest_identity(repo: Path, rev: str) -> tuple[str, str]:
+    """(sha256 of the curated manifest, sha256 of its evaluation set's ids) of the experiment commit ``rev``, read
+    through DVC's public API; "unavailable" for what cannot be read (an older manifest has no ``eval`` column)."""
     import dvc.api
+    import pandas as pd
 
-    h = hashlib.sha256()
+    from ultraflux.data.select import eval_set_sha256
+
     try:
         with dvc.api.open(MANIFEST, repo=str(repo), rev=rev, mode="rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+            data = fh.read()
     except Exception:  # noqa: BLE001 - dvc raises many kinds (missing cache, path not tracked at that rev)
-        return "unavailable"
-    return h.hexdigest()
+        return "unavailable", "unavailable"
+    try:
+        eval_sha = eval_set_sha256(pd.read_parquet(io.BytesIO(data), columns=["id", "eval"]))
+    except Exception:  # noqa: BLE001 - not parquet, or no eval column
+        eval_sha = "unavailable"
+    return hashlib.sha256(data).hexdigest(), eval_sha
 
 
 def val_curves(repo: Path, rev: str) -> dict[str, list[tuple[int, float]]]:
@@ -261,7 +267,8 @@ def collect(repo: Path, ids: dict[str, str], states: dict[str, str], suffix: str
                        params=((data.get("params") or {}).get("params.yaml") or {}).get("data", {}),
                        metrics={Path(k).stem: (v or {}).get("data", {}) for k, v in (data.get("metrics") or {})
                                 .items()},
-                       manifest_sha256=manifest_sha256(repo, e["rev"]), val_curves=val_curves(repo, e["rev"]))
+                       val_curves=val_curves(repo, e["rev"]))
+            res["manifest_sha256"], res["eval_set_sha256"] = manifest_identity(repo, e["rev"])
         elif state == "Failed":
             reason, log_text = failure_reason(repo, task)
             (out_dir / "logs").mkdir(parents=True, exist_ok=True)
