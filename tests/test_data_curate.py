@@ -136,7 +136,8 @@ def test_rerun_is_cached_and_byte_identical(synthetic_run, tmp_path, monkeypatch
     analyzed, rendered = Counter(monkeypatch, "analyze"), Counter(monkeypatch, "render")
     metrics = run_curation(base_params(), out, progress=False)
     assert analyzed.n == 0 and rendered.n == 0  # nothing recomputed
-    assert metrics["_timing"]["cache_hits"] == 20 and metrics["_timing"]["render_cache_hits"] == first["num_kept"]
+    assert metrics["_timing"]["cache_hits"] == 20 and metrics["_timing"]["render_cache_hits"] == (
+        first["num_train"] + first["num_holdout"])  # the kept training images and the evaluation set
     assert output_digests(out) == before
     # A fresh output folder (fresh cache) with the same params and seed: identical manifest up to the source folder,
     # identical shards.
@@ -162,7 +163,7 @@ def test_resume_after_a_kill_in_either_pass(tmp_path, monkeypatch):
     assert scan.n == 20 - 7  # only the 13 images the first run did not finish
     scan, render = Counter(monkeypatch, "analyze"), Counter(monkeypatch, "render")
     metrics = run_curation(params, out, progress=False)
-    assert scan.n == 0 and render.n == metrics["num_kept"] - 2  # two bucket images were done before the kill
+    assert scan.n == 0 and render.n == metrics["num_train"] + metrics["num_holdout"] - 2  # two bucket images were done before the kill
     bookkeeping = {".params.json", ".cache", ROOT_LOCK, *RESERVED}  # no temporary is left behind
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in bookkeeping]
 
