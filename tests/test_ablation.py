@@ -217,6 +217,20 @@ def test_queue_status_retries_dvc_s_transient_failures(monkeypatch):
         dvc_queue.queue_status(Path("."))
 
 
+def test_wait_does_not_take_a_momentarily_missing_task_for_gone(monkeypatch):
+    """A task between Queued and Running can be absent from one `dvc queue status`; only a task absent for
+    MISSING_POLLS polls in a row counts as gone."""
+    listings = iter([{"a1": ("co-design-A", "Success"), "d1": ("co-design-D", "Queued")},
+                     {"a1": ("co-design-A", "Success")},
+                     {"a1": ("co-design-A", "Success"), "d1": ("co-design-D", "Running")},
+                     {"a1": ("co-design-A", "Success"), "d1": ("co-design-D", "Success")}])
+    monkeypatch.setattr(dvc_queue, "read_queue_status", lambda repo: (next(listings), 1))
+    assert dvc_queue.wait(Path("."), {"A": "a1", "D": "d1"}, 60, 0, log=lambda m: None) == {"A": "Success",
+                                                                                           "D": "Success"}
+    listings = iter([{}] * dvc_queue.MISSING_POLLS)
+    assert dvc_queue.wait(Path("."), {"D": "d1"}, 60, 0, log=lambda m: None) == {"D": "missing"}
+
+
 def test_manifest_identity_through_the_dvc_api(tmp_path):
     """The manifest of a commit is read through dvc.api (not DVC's cache layout): its sha256 and its evaluation
     set's (the sorted eval ids, whatever their order in the manifest)."""
