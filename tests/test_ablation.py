@@ -142,7 +142,7 @@ def test_non_additivity_only_for_comparable_metrics(params):
     assert float(val) == pytest.approx((0.1 - 0.2) - (0.3 - 0.4))
     assert float(table.interaction_cell(rows, "evaluate.generation_mean.glcm_score", same)) == pytest.approx(1.5)
     assert "depends on the objective" in table.interaction_cell(rows, "dit_stage2.final_loss", same)
-    assert "depends on the data variant" in table.interaction_cell(rows, "curate.num_kept", same)
+    assert "counts of the data variant's own curation" in table.interaction_cell(rows, "curate.num_kept", same)
     assert "depends on the data variant" in table.interaction_cell(rows, "vae.final_loss", same)
     res["B"]["eval_set_sha256"] = "f" * 64      # one cell measured other images: nothing is compared
     rows = table.summary_rows(res)
@@ -151,7 +151,7 @@ def test_non_additivity_only_for_comparable_metrics(params):
     assert "evaluation sets differ" in table.interaction_cell(rows, "dit_stage2.final_val_loss", same)
     md = table.to_markdown(rows)
     assert "WARNING: the cells measured different evaluation sets" in md
-    assert "| curate.num_kept | 12 | 12 | 12 | 12 | not comparable across cells: depends on the data variant" in md
+    assert "| curate.num_kept | 12 | 12 | 12 | 12 | not a measurement: counts of the data variant's" in md
 
 
 def test_write_summary_csv_markdown_png(tmp_path, params):
@@ -346,7 +346,7 @@ def test_grid_survives_a_failed_cell_and_shares_stages(grid):
     summary = json.loads((repo / "outputs/ablation/summary.json").read_text())
     assert summary["same_eval_set"] is True
     assert summary["non_additivity"]["dit_stage1.final_loss"].startswith("not comparable across cells")
-    assert summary["non_additivity"]["curate.num_kept"].startswith("not comparable across cells")
+    assert summary["non_additivity"]["curate.num_kept"].startswith("not a measurement")
     for L in "ACD":   # the closing note's figures: the validation velocity MSE on the shared set
         print(L, {k: table[L][k] for k in table[L] if k.endswith("final_val_loss") or k.startswith("evaluate.")})
     assert "152.09" in md and "10.78" in md and "failed: " in md

@@ -36,7 +36,7 @@ NOT_COMPARABLE = (  # (prefix or suffix match, why), first match wins
     ("dit_stage", OBJECTIVE + " and the data variant (a training loss on its own training images)"),
     ("vae.final_loss", "not comparable across cells: depends on the data variant (a training loss on its own "
                        "training images)"),
-    ("curate.", "not comparable across cells: depends on the data variant (counts of its own curation)"),
+    ("curate.", "not a measurement: counts of the data variant's own curation"),
 )
 
 
