@@ -163,7 +163,8 @@ def test_resume_after_a_kill_in_either_pass(tmp_path, monkeypatch):
     assert scan.n == 20 - 7  # only the 13 images the first run did not finish
     scan, render = Counter(monkeypatch, "analyze"), Counter(monkeypatch, "render")
     metrics = run_curation(params, out, progress=False)
-    assert scan.n == 0 and render.n == metrics["num_train"] + metrics["num_holdout"] - 2  # two bucket images were done before the kill
+    # two bucket images were done before the kill; pass 2 renders the kept training images and the evaluation set
+    assert scan.n == 0 and render.n == metrics["num_train"] + metrics["num_holdout"] - 2
     bookkeeping = {".params.json", ".cache", ROOT_LOCK, *RESERVED}  # no temporary is left behind
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in bookkeeping]
 

@@ -46,7 +46,8 @@ def make_curated(root: Path, counts: dict[str, int] | None = None, holdout: int 
             loc = writers[split].write(key, {"png": data, "txt": caption.encode(),
                                              "json": json.dumps({"id": key}).encode()})
             rows.append({"id": key, "caption": caption, "bucket": bucket, "width": w, "height": h, "kept": True,
-                         "split": split, "eval": split == "holdout", "stage2": n % 2 == 0, "texture_rank": float(rng.random()),
+                         "split": split, "eval": split == "holdout", "stage2": n % 2 == 0,
+                         "texture_rank": float(rng.random()),
                          "shard": loc.shard, "key": loc.key, "offset": loc.offset, "nbytes": loc.nbytes})
             n += 1
     for writer in writers.values():

@@ -66,7 +66,8 @@ MANIFEST_COLUMNS = {
     "id": str, "source": str, "caption": str, "orig_width": "int64", "orig_height": "int64",
     "s_flat_fraction": float, "s_flat_mean": float, "entropy": float, "quality": float, "quality_scorer": str,
     "aesthetic": float, "aesthetic_scorer": str, "bucket": str, "width": "int64", "height": "int64", "kept": bool,
-    "reason": str, "stage2": bool, "split": str, "eval": bool, "shard": str, "key": str, "offset": "int64", "nbytes": "int64",
+    "reason": str, "stage2": bool, "split": str, "eval": bool, "shard": str, "key": str, "offset": "int64",
+    "nbytes": "int64",
     "texture_rank": float, "num_patches": "int64", "upscale": float, "variant": str,
     **released.RELEASED_COLUMNS,  # released scores and attribution (data/released.py); NaN / "" for other sources
 }
