@@ -87,15 +87,18 @@ def synthetic_metrics(glcm, loss, fid=None):
 def synthetic_results(base):
     fid_set = params_for("D", base)
     fid_set["evaluate"]["fid_inception_weights"] = "/models/inception.pth"
+    same = "e" * 64
     return {
         "A": {"status": "success", "exp_name": "co-design-A", "metrics": synthetic_metrics(1.0, 0.4),
-              "params": params_for("A", base), "val_curves": {"dit_stage1": [(10, 1.0), (20, 0.8)]}},
+              "params": params_for("A", base), "val_curves": {"dit_stage1": [(10, 1.0), (20, 0.8)]},
+              "eval_set_sha256": same},
         "B": {"status": "failed", "exp_name": "co-design-B",
               "reason": "[curate] params.yaml: 'rope.kind' must be 'flux', 'yarn' or 'resonance_yarn' (got 'bogus')"},
         "C": {"status": "success", "exp_name": "co-design-C", "metrics": synthetic_metrics(2.0, 0.2),
-              "params": params_for("C", base), "val_curves": {"dit_stage1": [(10, 0.9), (20, 0.7)]}},
+              "params": params_for("C", base), "val_curves": {"dit_stage1": [(10, 0.9), (20, 0.7)]},
+              "eval_set_sha256": same},
         "D": {"status": "success", "exp_name": "co-design-D", "metrics": synthetic_metrics(4.0, 0.1, fid=140.0),
-              "params": fid_set},
+              "params": fid_set, "eval_set_sha256": same},
     }
 
 
@@ -124,6 +127,31 @@ def test_interaction_is_non_additivity():
     assert table.interaction(rows, "x") == pytest.approx(-0.92)
     rows[1]["x"] = "n/a (failed)"
     assert table.interaction(rows, "x") is None
+
+
+def test_non_additivity_only_for_comparable_metrics(params):
+    """(D-C)-(B-A) is a number only for metrics measured on the shared evaluation set with an objective-independent
+    measure, and only when every cell's evaluation set is the same; the others say why not."""
+    res = synthetic_results(params)
+    res["B"] = {**res["A"], "exp_name": "co-design-B", "params": params_for("B", params),
+                "metrics": synthetic_metrics(1.5, 0.3)}
+    rows = table.summary_rows(res)
+    same, sentence = table.eval_set_check(rows)
+    assert same and "every finished cell (A, B, C, D) measured the same images" in sentence
+    val = table.interaction_cell(rows, "dit_stage2.final_val_loss", same)
+    assert float(val) == pytest.approx((0.1 - 0.2) - (0.3 - 0.4))
+    assert float(table.interaction_cell(rows, "evaluate.generation_mean.glcm_score", same)) == pytest.approx(1.5)
+    assert "depends on the objective" in table.interaction_cell(rows, "dit_stage2.final_loss", same)
+    assert "counts of the data variant's own curation" in table.interaction_cell(rows, "curate.num_kept", same)
+    assert "depends on the data variant" in table.interaction_cell(rows, "vae.final_loss", same)
+    res["B"]["eval_set_sha256"] = "f" * 64      # one cell measured other images: nothing is compared
+    rows = table.summary_rows(res)
+    same, sentence = table.eval_set_check(rows)
+    assert not same and sentence.startswith("WARNING") and "B: ffffffffffff" in sentence
+    assert "evaluation sets differ" in table.interaction_cell(rows, "dit_stage2.final_val_loss", same)
+    md = table.to_markdown(rows)
+    assert "WARNING: the cells measured different evaluation sets" in md
+    assert "| curate.num_kept | 12 | 12 | 12 | 12 | not a measurement: counts of the data variant's" in md
 
 
 def test_write_summary_csv_markdown_png(tmp_path, params):
@@ -189,18 +217,37 @@ def test_queue_status_retries_dvc_s_transient_failures(monkeypatch):
         dvc_queue.queue_status(Path("."))
 
 
-def test_manifest_sha256_through_the_dvc_api(tmp_path):
-    """The manifest of a commit is read through dvc.api (not DVC's cache layout)."""
+def test_wait_does_not_take_a_momentarily_missing_task_for_gone(monkeypatch):
+    """A task between Queued and Running can be absent from one `dvc queue status`; only a task absent for
+    MISSING_POLLS polls in a row counts as gone."""
+    listings = iter([{"a1": ("co-design-A", "Success"), "d1": ("co-design-D", "Queued")},
+                     {"a1": ("co-design-A", "Success")},
+                     {"a1": ("co-design-A", "Success"), "d1": ("co-design-D", "Running")},
+                     {"a1": ("co-design-A", "Success"), "d1": ("co-design-D", "Success")}])
+    monkeypatch.setattr(dvc_queue, "read_queue_status", lambda repo: (next(listings), 1))
+    assert dvc_queue.wait(Path("."), {"A": "a1", "D": "d1"}, 60, 0, log=lambda m: None) == {"A": "Success",
+                                                                                           "D": "Success"}
+    listings = iter([{}] * dvc_queue.MISSING_POLLS)
+    assert dvc_queue.wait(Path("."), {"D": "d1"}, 60, 0, log=lambda m: None) == {"D": "missing"}
+
+
+def test_manifest_identity_through_the_dvc_api(tmp_path):
+    """The manifest of a commit is read through dvc.api (not DVC's cache layout): its sha256 and its evaluation
+    set's (the sorted eval ids, whatever their order in the manifest)."""
+    import pandas as pd
+
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    payload = b"PAR1 a manifest"
     (tmp_path / "outputs/curated").mkdir(parents=True)
-    (tmp_path / "outputs/curated/manifest.parquet").write_bytes(payload)
+    path = tmp_path / "outputs/curated/manifest.parquet"
+    pd.DataFrame({"id": ["c", "a", "b"], "eval": [True, False, True]}).to_parquet(path)
+    payload = path.read_bytes()
     sh("git init -q && dvc init -q && dvc add -q outputs/curated && git add -A && "
        "git -c user.name=t -c user.email=t@t commit -qm m", tmp_path, env)
     rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    (tmp_path / "outputs/curated/manifest.parquet").write_bytes(b"changed in the workspace")
-    assert dvc_queue.manifest_sha256(tmp_path, rev) == hashlib.sha256(payload).hexdigest()
-    assert dvc_queue.manifest_sha256(tmp_path, "0" * 40) == "unavailable"
+    path.write_bytes(b"changed in the workspace")
+    assert dvc_queue.manifest_identity(tmp_path, rev) == (hashlib.sha256(payload).hexdigest(),
+                                                          hashlib.sha256(b"b\nc").hexdigest())
+    assert dvc_queue.manifest_identity(tmp_path, "0" * 40) == ("unavailable", "unavailable")
 
 
 def test_cli_rejects_bad_arguments(capsys):
@@ -293,7 +340,17 @@ def test_grid_survives_a_failed_cell_and_shares_stages(grid):
         assert table[L]["fid"].startswith("not computed") and float(table[L]["evaluate.vae.psnr"]) > 0
         assert len(table[L]["manifest_sha256"]) == 64 and len(table[L]["exp_rev"]) == 40
     assert table["A"]["manifest_sha256"] == table["C"]["manifest_sha256"] != table["D"]["manifest_sha256"]
+    # A (baseline data) and D (multi-aspect data) measured the same evaluation set, so their numbers compare
+    assert len(table["A"]["eval_set_sha256"]) == 64
+    assert table["A"]["eval_set_sha256"] == table["C"]["eval_set_sha256"] == table["D"]["eval_set_sha256"]
     md = (repo / "outputs/ablation/table1.md").read_text()
+    assert "every finished cell (A, C, D) measured the same images" in md
+    summary = json.loads((repo / "outputs/ablation/summary.json").read_text())
+    assert summary["same_eval_set"] is True
+    assert summary["non_additivity"]["dit_stage1.final_loss"].startswith("not comparable across cells")
+    assert summary["non_additivity"]["curate.num_kept"].startswith("not a measurement")
+    for L in "ACD":   # the closing note's figures: the validation velocity MSE on the shared set
+        print(L, {k: table[L][k] for k in table[L] if k.endswith("final_val_loss") or k.startswith("evaluate.")})
     assert "152.09" in md and "10.78" in md and "failed: " in md
     assert (repo / "outputs/ablation/table1.png").stat().st_size > 10_000
 
@@ -329,6 +386,7 @@ def test_grid_survives_a_failed_cell_and_shares_stages(grid):
         assert len(r.data.tags["git_commit"]) == 40
     for L in "ACD":
         assert by[L].info.status == "FINISHED" and len(by[L].data.tags["data.manifest_sha256"]) == 64
+        assert by[L].data.tags["data.eval_set_sha256"] == table["A"]["eval_set_sha256"]
         assert by[L].data.params["objective"] == codesign.MODELS[codesign.CELLS[L][1]]["objective"]
         assert "evaluate.vae.psnr" in by[L].data.metrics and "dit_stage2.final_loss" in by[L].data.metrics
     assert by["B"].info.status == "FAILED" and "bogus" in by["B"].data.tags["ablation.reason"]

@@ -19,7 +19,7 @@ from PIL import Image
 from data_fixtures import bomb_png, exif_rotated_jpeg, jpeg_bytes, png_bytes, textured, write
 from ultraflux.cli.curate_stats import main as cli_curate_stats
 from ultraflux.config import load_params
-from ultraflux.data import process
+from ultraflux.data import process, select
 from ultraflux.data.cache_entries import RESERVED, ROOT_LOCK
 from ultraflux.data.curate import MANIFEST_COLUMNS, TooFewImages, run_curation
 from ultraflux.data.ingest import SourceError
@@ -101,10 +101,14 @@ def test_synthetic_manifest_schema_filters_and_shards(synthetic_run):
     # Stand-in scores exist exactly for the rows that passed the cheap filters (nothing else was decoded in colour).
     cheap_ok = ~df["reason"].isin(["flat", "low_entropy", "too_small", "no_caption"])
     assert df.loc[cheap_ok, "quality"].notna().all() and df.loc[~cheap_ok, "quality"].isna().all()
-    # Shards: one series per split, members <key>.jpg/.txt/.json in manifest order, random access by offset.
-    assert (df.loc[~df["kept"], "shard"] == "").all() and (df.loc[~df["kept"], "nbytes"] == 0).all()
-    for split in ("train", "holdout"):
-        rows = kept[kept["split"] == split]
+    # Shards: one series per split, members <key>.jpg/.txt/.json in manifest order, random access by offset. The
+    # holdout shards hold the evaluation set: every held-out row that passes the variant-independent checks, kept by
+    # the variant's filters or not (its reason still recorded), never trained on.
+    unused = ~df["kept"] & ~df["eval"]
+    assert (df.loc[unused, "shard"] == "").all() and (df.loc[unused, "nbytes"] == 0).all()
+    assert (df.loc[df["eval"], "split"] == "holdout").all() and not (df["eval"] & df["stage2"]).any()
+    assert metrics["num_holdout"] == df["eval"].sum() and metrics["num_train"] == (kept["split"] == "train").sum()
+    for split, rows in (("train", kept[kept["split"] == "train"]), ("holdout", df[df["eval"]])):
         assert set(rows["shard"]) == {f"shards/{split}-000000.tar"}
         samples = list(iter_shard(out / f"shards/{split}-000000.tar"))
         assert [k for k, _ in samples] == list(rows["key"]) == list(rows["id"])
@@ -112,7 +116,7 @@ def test_synthetic_manifest_schema_filters_and_shards(synthetic_run):
             assert set(sample) == {"jpg", "txt", "json"}
             assert sample["jpg"] == read_image_bytes(out, row.to_dict())
             assert sample["txt"].decode() == row["caption"] and json.loads(sample["json"])["id"] == key
-    for _, row in kept.iterrows():
+    for _, row in df[df["kept"] | df["eval"]].iterrows():
         im = open_image(out, row.to_dict())
         assert im.size == (row["width"], row["height"]) and im.mode == "RGB"
         assert row["width"] % 32 == 0 and row["height"] % 32 == 0
@@ -120,7 +124,7 @@ def test_synthetic_manifest_schema_filters_and_shards(synthetic_run):
     assert metrics["num_shards"] == 2 and metrics["shard_bytes"] > 0
     ranks = kept["texture_rank"].sort_values().to_numpy()
     assert ranks[-1] == 1.0 and np.all(np.diff(ranks) > 0)
-    assert set(df["split"]) <= {"train", "holdout"} and (kept["split"] == "holdout").any()
+    assert set(df["split"]) <= {"train", "holdout"} and df["eval"].any()
     for name in ("s_flat_patches.png", "flat_fraction.png", "entropy.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     assert json.loads((out / "metrics.json").read_text())["num_kept"] == metrics["num_kept"]
@@ -132,7 +136,8 @@ def test_rerun_is_cached_and_byte_identical(synthetic_run, tmp_path, monkeypatch
     analyzed, rendered = Counter(monkeypatch, "analyze"), Counter(monkeypatch, "render")
     metrics = run_curation(base_params(), out, progress=False)
     assert analyzed.n == 0 and rendered.n == 0  # nothing recomputed
-    assert metrics["_timing"]["cache_hits"] == 20 and metrics["_timing"]["render_cache_hits"] == first["num_kept"]
+    assert metrics["_timing"]["cache_hits"] == 20 and metrics["_timing"]["render_cache_hits"] == (
+        first["num_train"] + first["num_holdout"])  # the kept training images and the evaluation set
     assert output_digests(out) == before
     # A fresh output folder (fresh cache) with the same params and seed: identical manifest up to the source folder,
     # identical shards.
@@ -158,7 +163,8 @@ def test_resume_after_a_kill_in_either_pass(tmp_path, monkeypatch):
     assert scan.n == 20 - 7  # only the 13 images the first run did not finish
     scan, render = Counter(monkeypatch, "analyze"), Counter(monkeypatch, "render")
     metrics = run_curation(params, out, progress=False)
-    assert scan.n == 0 and render.n == metrics["num_kept"] - 2  # two bucket images were done before the kill
+    # two bucket images were done before the kill; pass 2 renders the kept training images and the evaluation set
+    assert scan.n == 0 and render.n == metrics["num_train"] + metrics["num_holdout"] - 2
     bookkeeping = {".params.json", ".cache", ROOT_LOCK, *RESERVED}  # no temporary is left behind
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in bookkeeping]
 
@@ -388,12 +394,16 @@ def test_bad_weights_path_fails_before_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_baseline_variant_is_square_without_curation(tmp_path):
+def test_baseline_variant_is_square_without_curation_and_evaluates_the_same_images(synthetic_run, tmp_path):
+    """Baseline: square crops, no texture/quality/aesthetic curation. The evaluation set is drawn before the
+    variant's filters: the baseline and the multi-aspect curation of the same sources hold out the same ids, rendered
+    byte-identically (the evaluation geometry, not the square crop), named by the same sha256; an eval row the
+    multi-aspect filters reject keeps its reason."""
     params = base_params()
     params["data"]["variant"] = "baseline"
     metrics = run_curation(params, tmp_path / "out", progress=False)
     df = manifest(tmp_path / "out")
-    kept = df[df["kept"]]
+    kept = df[df["kept"] & (df["split"] == "train")]
     assert set(kept["bucket"]) == {"1:1"} and set(zip(kept["width"], kept["height"])) == {(480, 480)}
     assert set(df.loc[~df["kept"], "reason"]) == {"too_small", "no_caption"}  # flat/low-entropy images are kept
     assert metrics["rejected_flat"] == 0 and metrics["quality_scorer"] == "none"
@@ -401,6 +411,16 @@ def test_baseline_variant_is_square_without_curation(tmp_path):
     assert 1 <= df["stage2"].sum() <= len(kept) and not (df["stage2"] & ~df["kept"]).any()
     for _, row in kept.iterrows():
         assert open_image(tmp_path / "out", row.to_dict()).size == (480, 480)
+    out, multi_metrics = synthetic_run
+    multi, base = manifest(out), manifest(tmp_path / "out")
+    ids = set(multi.loc[multi["eval"], "id"])
+    assert ids and ids == set(base.loc[base["eval"], "id"])
+    assert metrics["eval_set_sha256"] == multi_metrics["eval_set_sha256"] == select.eval_set_sha256(multi)
+    assert metrics["num_holdout"] == multi_metrics["num_holdout"] == len(ids)
+    for (_, m), (_, b) in zip(multi[multi["eval"]].iterrows(), base[base["eval"]].iterrows()):
+        assert read_image_bytes(out, m.to_dict()) == read_image_bytes(tmp_path / "out", b.to_dict())
+    assert set(multi.loc[multi["eval"] & ~multi["kept"], "reason"]) <= {"flat", "low_entropy", "low_quality",
+                                                                        "low_aesthetic"}
 
 
 def test_png_format_is_lossless_and_shards_roll_over(synthetic_run, tmp_path):
@@ -493,6 +513,38 @@ def test_entropy_just_below_the_threshold_is_rejected_by_every_path(tmp_path, mo
     with pytest.raises(TooFewImages):
         run_curation(params, tmp_path / "low", progress=False)
     assert set(manifest(tmp_path / "low")["reason"]) == {"low_entropy"}
+
+
+def test_split_draws_the_evaluation_set_before_the_filters():
+    """assign_split on a small frame: held out by the id hash alone, whatever the variant's crop; an eval row takes
+    the evaluation geometry (too_small re-judged on it); unreadable, caption-less, duplicate-copy and (on the
+    evaluation geometry) too-small rows are held out but not evaluated; with no eligible row held out, the eligible
+    row with the smallest hash is."""
+    ids = [f"{i:02x}" * 32 for i in range(8)]
+    units = [select.hash_unit(0, i) for i in ids]
+    fraction = sorted(units)[4]                          # the 4 smallest hashes are held out
+    held = [u < fraction for u in units]
+    square = {"bucket": "1:1", "width": 480, "height": 480, "upscale": 2.0, "box": [0, 0, 240, 240]}
+    wide = {"bucket": "2:1", "width": 640, "height": 320, "upscale": 1.0, "box": [0, 0, 640, 320]}
+    rows = pd.DataFrame({"id": ids, "relative": [f"{i}.jpg" for i in range(8)], "error": ["too_small"] * 8,
+                         "caption_error": [""] * 8, **{k: [v] * 8 for k, v in square.items() if k != "box"},
+                         "box": [square["box"]] * 8, "eval_geometry": [dict(wide) for _ in range(8)]})
+    order = [i for i in sorted(range(8), key=lambda i: units[i]) if held[i]]   # held-out rows, smallest hash first
+    rows.loc[order[1], "error"] = "unreadable: truncated"
+    rows.loc[order[1], "eval_geometry"] = None
+    rows.loc[order[2], "caption_error"] = "no_caption"
+    rows.at[order[3], "eval_geometry"] = {**wide, "upscale": 9.0}
+    select.assign_split(rows, 0, fraction, max_upscale=1.5)
+    assert list(rows["split"]) == ["holdout" if h else "train" for h in held]
+    assert list(rows.index[rows["eval"]]) == [order[0]]
+    first = rows.loc[order[0]]
+    assert (first["bucket"], first["width"], first["error"]) == ("2:1", 640, "")   # eval geometry, fits it
+    assert rows.loc[order[3], "error"] == "too_small" and rows.loc[order[1], "error"].startswith("unreadable")
+    assert (rows.loc[~np.array(held), "bucket"] == "1:1").all()                     # training rows keep the variant's
+    assert select.eval_set_sha256(rows) == select.eval_set_sha256(rows.iloc[::-1])
+    fallback = rows.drop(columns=["split", "eval"]).assign(error="", bucket="1:1")
+    select.assign_split(fallback, 0, 1e-9, max_upscale=1.5)
+    assert list(fallback.index[fallback["eval"]]) == [order[0]]
 
 
 def test_stage_and_curate_stats_agree_on_every_image(synthetic_run):

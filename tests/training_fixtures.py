@@ -61,7 +61,8 @@ def write_curated(root: Path, samples: list[dict]) -> Path:
         loc = writers[s["split"]].write(key, {"png": s["data"], "txt": s["caption"].encode(),
                                                "json": json.dumps({"id": key}).encode()})
         rows.append({"id": key, **{c: s[c] for c in ("caption", "bucket", "width", "height")}, "kept": True,
-                     "split": s["split"], "stage2": n % 2 == 0, "texture_rank": s["texture_rank"],
+                     "split": s["split"], "eval": s["split"] == "holdout", "stage2": n % 2 == 0,
+                     "texture_rank": s["texture_rank"],
                      "shard": loc.shard, "key": loc.key, "offset": loc.offset, "nbytes": loc.nbytes})
     for writer in writers.values():
         writer.close()

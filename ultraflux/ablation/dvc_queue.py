@@ -154,14 +154,20 @@ def queue_cells(repo: Path, letters: Iterable[str], suffix: str, common: list[st
     return ids
 
 
+MISSING_POLLS = 3
+"""Polls a task must be absent from ``dvc queue status`` before it counts as gone: a task moving from Queued to
+Running can be missing from one listing (seen in the grid test: D read 'missing' the moment C finished)."""
+
+
 def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int = 1, log=print) -> dict[str, str]:
     """Poll ``dvc queue status`` until every task is Success/Failed or ``timeout`` seconds passed. Should every
     worker be gone while our tasks are still queued (a worker died, or another user's ``dvc queue stop``), new
     workers are started."""
-    t0, last, idle_polls = time.time(), None, 0
+    t0, last, idle_polls, missing = time.time(), None, 0, dict.fromkeys(ids, 0)
     while True:
         st, workers = read_queue_status(repo)
         states = {L: st.get(t, ("", "missing"))[1] for L, t in ids.items()}
+        missing = {L: missing[L] + 1 if s == "missing" else 0 for L, s in states.items()}
         idle_polls = idle_polls + 1 if workers == 0 and "Queued" in states.values() else 0
         if idle_polls >= 3:
             log("[ablation] no queue worker left while experiments are queued; starting workers again")
@@ -170,7 +176,7 @@ def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int
         if states != last:
             log(f"[ablation] {time.time() - t0:6.0f}s  " + "  ".join(f"{L}:{s}" for L, s in states.items()))
             last = states
-        if all(s in ("Success", "Failed", "missing") for s in states.values()):
+        if all(s in ("Success", "Failed") or missing[L] >= MISSING_POLLS for L, s in states.items()):
             return states
         if time.time() - t0 > timeout:
             return states
@@ -217,18 +223,24 @@ def reason_from_log(text: str) -> str:
     return reason[:1000]
 
 
-def manifest_sha256(repo: Path, rev: str) -> str:
-    """sha256 of the curated manifest of the experiment commit ``rev``, read through DVC's public API."""
+def manifest_identity(repo: Path, rev: str) -> tuple[str, str]:
+    """(sha256 of the curated manifest, sha256 of its evaluation set's ids) of the experiment commit ``rev``, read
+    through DVC's public API; "unavailable" for what cannot be read (an older manifest has no ``eval`` column)."""
     import dvc.api
+    import pandas as pd
 
-    h = hashlib.sha256()
+    from ultraflux.data.select import eval_set_sha256
+
     try:
         with dvc.api.open(MANIFEST, repo=str(repo), rev=rev, mode="rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+            data = fh.read()
     except Exception:  # noqa: BLE001 - dvc raises many kinds (missing cache, path not tracked at that rev)
-        return "unavailable"
-    return h.hexdigest()
+        return "unavailable", "unavailable"
+    try:
+        eval_sha = eval_set_sha256(pd.read_parquet(io.BytesIO(data), columns=["id", "eval"]))
+    except Exception:  # noqa: BLE001 - not parquet, or no eval column
+        eval_sha = "unavailable"
+    return hashlib.sha256(data).hexdigest(), eval_sha
 
 
 def val_curves(repo: Path, rev: str) -> dict[str, list[tuple[int, float]]]:
@@ -261,7 +273,8 @@ def collect(repo: Path, ids: dict[str, str], states: dict[str, str], suffix: str
                        params=((data.get("params") or {}).get("params.yaml") or {}).get("data", {}),
                        metrics={Path(k).stem: (v or {}).get("data", {}) for k, v in (data.get("metrics") or {})
                                 .items()},
-                       manifest_sha256=manifest_sha256(repo, e["rev"]), val_curves=val_curves(repo, e["rev"]))
+                       val_curves=val_curves(repo, e["rev"]))
+            res["manifest_sha256"], res["eval_set_sha256"] = manifest_identity(repo, e["rev"])
         elif state == "Failed":
             reason, log_text = failure_reason(repo, task)
             (out_dir / "logs").mkdir(parents=True, exist_ok=True)

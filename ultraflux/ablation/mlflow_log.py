@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ultraflux import tracking
 from ultraflux.codesign import ABLATION_TAG, CELLS, PREFIX
-from ultraflux.ablation.table import _num
+from ultraflux.ablation.table import _num, eval_set_check
 
 
 def _parent_of(client, exp_id: str, name: str, commit: str, t_start: float):
@@ -49,6 +49,7 @@ def log_to_mlflow(repo: Path, results: dict[str, dict], rows: list[dict], paths:
         found = _parent_of(client, exp_id, name, res.get("git_commit", ""), t_start)
         tags = {"ablation": ABLATION_TAG, "variant": L, "dvc_exp_name": name, "git_commit": res.get("git_commit", ""),
                 "dvc_exp_rev": res.get("exp_rev", ""), "data.manifest_sha256": res.get("manifest_sha256", ""),
+                "data.eval_set_sha256": res.get("eval_set_sha256", ""),
                 "ablation.status": res["status"], "ablation.reason": res.get("reason", "")[:4000],
                 "ablation.invocation": invocation, "data.variant": CELLS[L][0], "ablation.model": CELLS[L][1]}
         if found:
@@ -73,7 +74,7 @@ def log_to_mlflow(repo: Path, results: dict[str, dict], rows: list[dict], paths:
     summary = client.create_run(exp_id, run_name=f"{PREFIX}-summary", tags={
         "ablation": ABLATION_TAG, tracking.ROLE_TAG: "summary", "ablation.invocation": invocation,
         "git_commit": next((r.get("git_commit") for r in results.values()), ""),
-        MLFLOW_RUN_NAME: f"{PREFIX}-summary",
+        MLFLOW_RUN_NAME: f"{PREFIX}-summary", "ablation.same_eval_set": str(eval_set_check(rows)[0]).lower(),
         **{f"ablation.status.{L}": r["status"] for L, r in results.items()},
         **{f"ablation.run.{L}": rid for L, rid in run_ids.items()}})
     sid = summary.info.run_id

@@ -3,8 +3,14 @@
 A cell's ``result`` (built by ``dvc_queue.collect``): ``status`` (success | failed | timed out | missing), optional
 ``reason``, ``exp_name``, ``exp_rev``, ``git_commit``, ``manifest_sha256``, ``params`` (the cell's params.yaml) and
 ``metrics`` = {stage: the DVC metrics of metrics/<stage>.json} (numbers only), ``val_curves`` = {stage: [(step,
-val_loss), ...]}. FID and HPSv3 are numbers only when their weights were configured; otherwise the cell shows why
+val_loss), ...]}, ``eval_set_sha256`` (the curated evaluation set's identity, :func:`ultraflux.data.select.
+eval_set_sha256`). FID and HPSv3 are numbers only when their weights were configured; otherwise the cell shows why
 (from the cell's params), never a number.
+
+Non-additivity (D - C) - (B - A) is a number only for a metric comparable across the cells (:func:`comparability`):
+measured on the shared evaluation set (held out before either data variant's filters) with a measure that does not
+depend on the cell's objective, and only when every cell's ``eval_set_sha256`` is the same; any other metric says why
+it is not comparable instead.
 """
 from __future__ import annotations
 
@@ -19,7 +25,19 @@ from ultraflux.tracking import flatten
 
 LEARNED = {"fid": "evaluate.fid_inception_weights", "hpsv3": "evaluate.hpsv3_weights"}  # metric -> weights key
 IDENTITY = ("variant", "role", "dataset", "model_loss", "status", "reason", "fid", "hpsv3", "paper_fid", "paper_hpsv3",
-            "exp_name", "exp_rev", "git_commit", "manifest_sha256")
+            "exp_name", "exp_rev", "git_commit", "manifest_sha256", "eval_set_sha256")
+# Metrics measured on the shared evaluation set with an objective-independent measure (prefix match on stage.metric):
+# the DiT validation loss is the velocity MSE (training/validation.py), not the cell's objective; the VAE and
+# generation metrics do not involve the objective at all.
+COMPARABLE = ("dit_stage1.final_val_loss", "dit_stage2.final_val_loss", "vae.holdout_", "evaluate.")
+OBJECTIVE = "not comparable across cells: depends on the objective (SNR-aware Huber wavelet vs latent L2)"
+NOT_COMPARABLE = (  # (prefix or suffix match, why), first match wins
+    ("val_objective", OBJECTIVE),
+    ("dit_stage", OBJECTIVE + " and the data variant (a training loss on its own training images)"),
+    ("vae.final_loss", "not comparable across cells: depends on the data variant (a training loss on its own "
+                       "training images)"),
+    ("curate.", "not a measurement: counts of the data variant's own curation"),
+)
 
 
 def _num(v: Any) -> float | None:
@@ -43,7 +61,7 @@ def summary_row(letter: str, result: dict) -> dict[str, Any]:
         "variant": letter, "role": ROLES[letter], "dataset": DATASETS[variant], "model_loss": MODEL_LABELS[model],
         "status": status, "reason": result.get("reason", ""), "exp_name": result.get("exp_name", ""),
         "exp_rev": result.get("exp_rev", ""), "git_commit": result.get("git_commit", ""),
-        "manifest_sha256": result.get("manifest_sha256", ""),
+        "manifest_sha256": result.get("manifest_sha256", ""), "eval_set_sha256": result.get("eval_set_sha256", ""),
         "paper_fid": PAPER[letter]["fid"], "paper_hpsv3": PAPER[letter]["hpsv3"],
     }
     metrics = flatten(result.get("metrics") or {}) if status == "success" else {}
@@ -67,6 +85,37 @@ def summary_rows(results: dict[str, dict]) -> list[dict[str, Any]]:
         for c in _columns(rows):
             r.setdefault(c, "not reported" if r["status"] == "success" else f"n/a ({r['status']})")
     return rows
+
+
+def comparability(key: str) -> str:
+    """"" when ``key`` (``stage.metric``) is comparable across the cells, else why not."""
+    if key.startswith(COMPARABLE):
+        return ""
+    return next((why for part, why in NOT_COMPARABLE if key.startswith(part) or key.endswith(part)),
+                "not comparable across cells: not measured on the shared evaluation set")
+
+
+def eval_set_check(rows: list[dict]) -> tuple[bool, str]:
+    """(whether every successful cell measured the same evaluation set, the sentence saying so or warning)."""
+    done = [r for r in rows if r["status"] == "success"]
+    hashes = {r["variant"]: r.get("eval_set_sha256") or "unavailable" for r in done}
+    if not done:
+        return False, "No cell finished: no evaluation set to compare."
+    if len(set(hashes.values())) == 1 and "unavailable" not in hashes.values():
+        return True, (f"Evaluation set: every finished cell ({', '.join(hashes)}) measured the same images "
+                      f"(eval_set_sha256 {next(iter(hashes.values()))}).")
+    return False, ("WARNING: the cells measured different evaluation sets ("
+                   + ", ".join(f"{L}: {h[:12]}" for L, h in hashes.items())
+                   + "); no metric is compared across them.")
+
+
+def interaction_cell(rows: list[dict], key: str, same_eval_set: bool) -> str:
+    """The (D-C)-(B-A) column of ``key``: a number, blank (a cell lacks it), or why it is not comparable."""
+    why = comparability(key) or ("" if same_eval_set else "not comparable: the cells' evaluation sets differ")
+    if why:
+        return why
+    inter = interaction(rows, key) if len(rows) == 4 else None
+    return "" if inter is None else f"{inter:+.4g}"
 
 
 def interaction(rows: list[dict], key: str) -> float | None:
@@ -113,19 +162,21 @@ def to_markdown(rows: list[dict], title: str = "Data-model co-design ablation (s
               f"{paper_i['fid']:+.2f}, HPSv3 {paper_i['hpsv3']:+.2f}. FID and HPSv3 are computed only with their "
               "weights configured (`evaluate.fid_inception_weights`, `evaluate.hpsv3_weights`); otherwise the "
               "cell says so, never a number.", ""]
+    same, sentence = eval_set_check(rows)
     other = [c for c in _columns(rows) if c not in IDENTITY]
-    lines += ["## Every DVC metric of the cells", "",
+    lines += ["## Every DVC metric of the cells", "", sentence, "",
+              "Non-additivity only for the metrics measured on that shared set with an objective-independent measure "
+              "(validation velocity MSE, VAE reconstruction, generation metrics); the others say why not.", "",
               "| metric | " + " | ".join(r["variant"] for r in rows) + " | (D-C)-(B-A) |",
               "|---|" + "---|" * (len(rows) + 1)]
     for c in other:
-        inter = interaction(rows, c) if len(rows) == 4 else None
         lines.append(f"| {c} | " + " | ".join(_fmt(r.get(c, "")) for r in rows) + " | "
-                     + ("" if inter is None else f"{inter:+.4g}") + " |")
+                     + _fmt(interaction_cell(rows, c, same)) + " |")
     lines += ["", "## Provenance", "", "| variant | DVC experiment | experiment commit | git commit (baseline) | "
-              "data manifest sha256 |", "|---|---|---|---|---|"]
+              "data manifest sha256 | evaluation set sha256 |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {_fmt(r['exp_name'])} | {_fmt(r['exp_rev'])} | {_fmt(r['git_commit'])} | "
-                     f"{_fmt(r['manifest_sha256'])} |")
+                     f"{_fmt(r['manifest_sha256'])} | {_fmt(r['eval_set_sha256'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -202,5 +253,8 @@ def write_summary(results: dict[str, dict], out_dir: Path) -> tuple[list[dict], 
     plot(rows, paths["png"])
     if plot_val_curves(results, out_dir / "val_loss.png"):
         paths["val_png"] = out_dir / "val_loss.png"
-    write_json(paths["json"], {"rows": rows, "results": results})
+    same, sentence = eval_set_check(rows)
+    non_additivity = {c: interaction_cell(rows, c, same) for c in _columns(rows) if c not in IDENTITY}
+    write_json(paths["json"], {"rows": rows, "results": results, "same_eval_set": same, "eval_set": sentence,
+                               "non_additivity": non_additivity})
     return rows, paths

@@ -59,14 +59,15 @@ from .decode import BadImage, dct_reduction, decode_rgb, read_header
 from .engines import cores, run_engine
 from .ingest import SourceError, list_sources
 from .rule import needs_too_much_upscale, texture_reason, texture_reasons
-from .select import assign_reasons, assign_split, assign_texture_rank, stage2_from_train
+from .select import EVAL_GEOMETRY, assign_reasons, assign_split, assign_texture_rank, eval_set_sha256, stage2_from_train
 from .shards import ShardWriter
 
 MANIFEST_COLUMNS = {
     "id": str, "source": str, "caption": str, "orig_width": "int64", "orig_height": "int64",
     "s_flat_fraction": float, "s_flat_mean": float, "entropy": float, "quality": float, "quality_scorer": str,
     "aesthetic": float, "aesthetic_scorer": str, "bucket": str, "width": "int64", "height": "int64", "kept": bool,
-    "reason": str, "stage2": bool, "split": str, "shard": str, "key": str, "offset": "int64", "nbytes": "int64",
+    "reason": str, "stage2": bool, "split": str, "eval": bool, "shard": str, "key": str, "offset": "int64",
+    "nbytes": "int64",
     "texture_rank": float, "num_patches": "int64", "upscale": float, "variant": str,
     **released.RELEASED_COLUMNS,  # released scores and attribution (data/released.py); NaN / "" for other sources
 }
@@ -154,19 +155,26 @@ def build_rows(items, records, cfg: dict, root: Path) -> tuple[pd.DataFrame, np.
                                    "num_patches", "entropy", "quality", "aesthetic", "cache_hit")}
         row.update({"source": item.path, "relative": Path(os.path.relpath(item.path, root)).as_posix(),
                     "caption": item.caption, "caption_error": item.caption_error,
-                    "bucket": "", "width": 0, "height": 0, "upscale": float("nan"), "box": None})
+                    "bucket": "", "width": 0, "height": 0, "upscale": float("nan"), "box": None,
+                    "eval_geometry": None})
         if not rec["error"]:
-            bucket, box = process.select_box(rec["orig_width"], rec["orig_height"], table, cfg, rec["id"])
-            bw, bh = table[bucket]
-            upscale = max(bw / (box[2] - box[0]), bh / (box[3] - box[1]))
-            row.update({"bucket": bucket, "width": bw, "height": bh, "upscale": upscale, "box": list(box)})
-            if needs_too_much_upscale(upscale, cfg["max_upscale"]):
+            row.update(_geometry(rec, table, cfg))
+            row["eval_geometry"] = _geometry(rec, table, cfg | {"variant": EVAL_GEOMETRY})
+            if needs_too_much_upscale(row["upscale"], cfg["max_upscale"]):
                 row["error"] = "too_small"
         rows.append(row)
     frame = pd.concat([pd.DataFrame(rows), released.released_columns(items)], axis=1)
     for col in ("quality", "aesthetic", "entropy", "upscale", "s_flat_fraction", "s_flat_mean"):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     return frame, patch_hist
+
+
+def _geometry(rec: dict, table: dict, cfg: dict) -> dict:
+    """Bucket, size, crop box and upscale factor of one decoded source under ``cfg["variant"]``'s crop rule."""
+    bucket, box = process.select_box(rec["orig_width"], rec["orig_height"], table, cfg, rec["id"])
+    bw, bh = table[bucket]
+    return {"bucket": bucket, "width": bw, "height": bh, "upscale": max(bw / (box[2] - box[0]), bh / (box[3] - box[1])),
+            "box": list(box)}
 
 
 def _learned_inputs(path: str) -> np.ndarray:
@@ -231,13 +239,14 @@ def check_minimums(rows: pd.DataFrame, cfg: dict, curate: Curate) -> None:
     """Raise :class:`TooFewImages`, naming the key(s), what each filter removed and, per filter, the key and value
     that would have kept more images (:func:`ultraflux.data.advice.relax_advice`), when too few images remain."""
     kept = rows[rows["kept"]]
-    n_train, n_holdout = int((kept["split"] == "train").sum()), int((kept["split"] == "holdout").sum())
+    n_train, n_holdout = int((kept["split"] == "train").sum()), int(rows["eval"].sum())
     problems = []
     if n_train < cfg["min_train_images"]:
         problems.append(f"curate.min_train_images = {cfg['min_train_images']} but {n_train} training image(s) remain")
     if n_holdout < cfg["min_holdout_images"]:
         problems.append(f"curate.min_holdout_images = {cfg['min_holdout_images']} but {n_holdout} held-out "
-                        "image(s) remain")
+                        "evaluation image(s) remain (held out before the filters: add sources or raise "
+                        "curate.holdout_fraction)")
     if problems:
         removed = ", ".join(f"{k} {v}" for k, v in removal_counts(rows).items() if v)
         hf = min(max(float(curate.holdout_fraction), 1e-3), 1 - 1e-3)  # a kept image is held out with this odds
@@ -246,22 +255,29 @@ def check_minimums(rows: pd.DataFrame, cfg: dict, curate: Curate) -> None:
         advice = "".join(f"\n  - {line}" for line in relax_advice(rows, curate, wanted))
         raise TooFewImages(
             f"curation kept too few images to train on: {'; '.join(problems)}. Of {len(rows)} source(s), the filters "
-            f"removed: {removed or 'none'}; kept {len(kept)} (train {n_train}, holdout {n_holdout}). Add images to "
+            f"removed: {removed or 'none'}; kept {len(kept)} (train {n_train}), evaluation set {n_holdout}. Add "
+            "images to "
             f"data.source, lower the minimum, or relax a filter (about {wanted} more kept images needed):{advice}")
 
 
 # ------------------------------------------------------------------------------------------------ pass 2, shards
 
 
+def render_dir(cfg: dict, is_eval: bool) -> str:
+    """The render cache of a row: evaluation rows have their own geometry (:data:`EVAL_GEOMETRY`), hence entry."""
+    return cfg["eval_render_dir"] if is_eval else cfg["render_dir"]
+
+
 def render_kept(rows: pd.DataFrame, cfg: dict, engine: str, workers, progress: bool) -> int:
-    """Pass 2 over the kept rows; a row whose colour decode fails is rejected with its reason. Returns cache hits."""
-    kept = rows[rows["kept"]]
-    tasks = [{"path": r.source, "id": r.id, "box": r.box, "size": [int(r.width), int(r.height)], "cfg": cfg}
-             for r in kept.itertuples()]
+    """Pass 2 over the kept training rows and the evaluation rows; a row whose colour decode fails is rejected (and
+    leaves the evaluation set) with its reason. Returns cache hits."""
+    kept = rows[(rows["kept"] & (rows["split"] == "train")) | rows["eval"]]
+    tasks = [{"path": r.source, "id": r.id, "box": r.box, "size": [int(r.width), int(r.height)],
+              "cfg": cfg | {"render_dir": render_dir(cfg, r.eval)}} for r in kept.itertuples()]
     results = run_engine(engine, process.render_one, tasks, workers, progress, desc="render")
     for idx, res in zip(kept.index, results):
         if res["error"]:
-            rows.loc[idx, ["kept", "stage2", "reason"]] = [False, False, res["error"]]
+            rows.loc[idx, ["kept", "stage2", "eval", "reason"]] = [False, False, False, res["error"]]
     return sum(r["cache_hit"] for r in results)
 
 
@@ -298,7 +314,7 @@ def write_shards(rows: pd.DataFrame, out_dir: Path, cfg: dict, progress: bool) -
 def _write_split(rows: pd.DataFrame, split: str, out_dir: Path, cfg: dict, progress: bool) -> list[Path]:
     from tqdm.auto import tqdm
 
-    part = rows[rows["kept"] & (rows["split"] == split)]
+    part = rows[rows["eval"]] if split == "holdout" else rows[rows["kept"] & (rows["split"] == "train")]
     if not len(part):
         return []
     ext = "jpg" if cfg["image_format"] == "jpeg" else "png"
@@ -307,7 +323,7 @@ def _write_split(rows: pd.DataFrame, split: str, out_dir: Path, cfg: dict, progr
     try:
         with writer:
             for row in tqdm(part.itertuples(), total=len(part), desc=f"shards ({split})", disable=not progress):
-                image = process.cache_file(cfg["render_dir"], row.id, ext).read_bytes()
+                image = process.cache_file(render_dir(cfg, row.eval), row.id, ext).read_bytes()
                 locations.append(writer.write(row.id, {ext: image, "txt": row.caption.encode(),
                                                        "json": _sample_meta(row)}))
     except OSError as err:
@@ -346,8 +362,8 @@ def run_curation(params: Params | dict, out_dir: Path, progress: bool = True) ->
             records = run_engine(curate.engine, process.scan_one, tasks, curate.workers, progress, desc="scan")
         rows, patch_hist = build_rows(items, records, cfg, root)
         quality_learned = score_candidates(rows, items, params, cfg, progress)
+        assign_split(rows, cfg["seed"], float(curate.holdout_fraction), cfg["max_upscale"])  # before the filters
         used = assign_reasons(rows, curate, variant, quality_learned)
-        assign_split(rows, cfg["seed"], float(curate.holdout_fraction))
         stage2_from_train(rows, variant)
         assign_texture_rank(rows)
         render_hits = _render_or_stop(rows, cfg, curate, out_dir, progress)
@@ -380,9 +396,11 @@ def _open_cache(entries: CacheEntries, cfg: dict) -> int:
     left there, never while another live run uses the entry. Returns how many were swept."""
     scan = entries.open(f"scan-{process.scan_fingerprint(cfg)}", "curate-scan")
     render = entries.open(f"render-{process.render_fingerprint(cfg)}", "curate-render")
-    cfg["scan_dir"], cfg["render_dir"] = str(scan), str(render)
+    eval_name = f"render-{process.render_fingerprint(cfg | {'variant': EVAL_GEOMETRY})}"
+    eval_render = render if eval_name == render.name else entries.open(eval_name, "curate-render")
+    cfg["scan_dir"], cfg["render_dir"], cfg["eval_render_dir"] = str(scan), str(render), str(eval_render)
     with entries.lock:
-        return sum(process.sweep_temporary(entry) for entry in (scan, render) if entries.alone(entry))
+        return sum(process.sweep_temporary(entry) for entry in {scan, render, eval_render} if entries.alone(entry))
 
 
 def score_candidates(rows: pd.DataFrame, items, params: Params, cfg: dict, progress: bool) -> bool:
@@ -472,7 +490,8 @@ def summarize(manifest: pd.DataFrame, used: dict, cfg: dict, engine: str) -> dic
         "num_sources": int(len(manifest)),
         "num_kept": int(len(kept)),
         "num_stage2": int(manifest["stage2"].sum()),
-        "num_holdout": int((kept["split"] == "holdout").sum()),
+        "num_holdout": int(manifest["eval"].sum()),
+        "eval_set_sha256": eval_set_sha256(manifest),
         "num_train": int((kept["split"] == "train").sum()),
         "kept_fraction": float(len(kept) / max(1, len(manifest))),
         "quality_scorer": str(manifest["quality_scorer"].iloc[0]) if len(manifest) else "none",

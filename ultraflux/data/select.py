@@ -25,9 +25,16 @@ Every row gets exactly one ``reason`` ("" = kept): the FIRST failing check in th
   size keeps the stage-2 schedule comparable while isolating the effect of the aesthetic selection).
   Stage-2 rows are then taken from the "train" split only (:func:`stage2_from_train`): the same number of rows, the
   best-ranked train rows, so a held-out image never trains stage 2 and the stage-2 subset is never empty.
-* ``split``: "holdout" when ``sha256(seed:id)`` as a fraction of 2^64 is below ``curate.holdout_fraction``, else
-  "train" (stable per image as the set grows); if no kept row falls in the holdout although the fraction is > 0
-  and at least two rows are kept, the kept row with the smallest hash is moved there, so tiny sets still have one.
+* ``split`` and ``eval`` (:func:`assign_split`, run BEFORE the keep/reject rule, so the evaluation set is the same
+  for both data variants): "holdout" when ``sha256(seed:id)`` as a fraction of 2^64 is below
+  ``curate.holdout_fraction``, else "train" (stable per image as the set grows). ``eval`` marks the held-out rows that
+  pass the variant-independent checks 1-4 (decodable, not a duplicate copy, captioned, not too small), judged on the
+  evaluation geometry :data:`EVAL_GEOMETRY` (nearest aspect bucket, centre crop) that held-out rows take in every
+  variant. These are the evaluation set every co-design cell measures (DiT validation loss, VAE reconstruction,
+  the FD reference): evaluated, never trained on, whatever the variant's filters say of them; their ``reason`` still
+  records what those filters say (an eval row may read ``flat``). If no eligible row falls in the holdout although
+  the fraction is > 0 and at least two rows are eligible, the eligible row with the smallest hash is held out, so
+  tiny sets still have one. :func:`eval_set_sha256` names the set (sha256 of its sorted ids).
 * ``texture_rank``: among kept rows, the percentile rank (in (0, 1], 1 = most textured) of ``s_flat_mean``, ties by
   id; NaN for rejected rows. "The top 50% by flatness score" (seed Sec. 2.2, VAE training) is
   ``texture_rank > 1 - 0.5``.
@@ -43,7 +50,7 @@ import pandas as pd
 from ultraflux.io import sha256_text
 from ultraflux.schema import Curate
 
-from .rule import texture_reasons
+from .rule import needs_too_much_upscale, texture_reasons
 from .scorers import GRAYSCALE_SKIPPED
 
 
@@ -59,6 +66,13 @@ def top_ids(frame: pd.DataFrame, column: str, fraction: float) -> set[str]:
     return set(ordered["id"].iloc[: ceil_count(fraction, len(ordered))])
 
 
+EVAL_GEOMETRY = "multiaspect"
+"""The crop rule of held-out rows in every variant (:func:`ultraflux.data.process.select_box`): the nearest aspect
+bucket, centre crop, so all cells evaluate the same pixels."""
+GEOMETRY = ("bucket", "width", "height", "upscale", "box")
+"""The columns a crop rule decides; ``eval_geometry`` holds the evaluation geometry's values (a dict) per row."""
+
+
 def hash_unit(seed: int, image_id: str, salt: str = "split") -> float:
     """A deterministic number in [0, 1) from seed and id."""
     return int(sha256_text(f"{salt}:{seed}:{image_id}")[:16], 16) / 2**64
@@ -72,8 +86,8 @@ def assign_reasons(rows: pd.DataFrame, curate: Curate, variant: str, quality_lea
 
     error = rows["error"].fillna("").astype(str)
     reason = error.where(error != "too_small", "")
-    original = rows.groupby("id")["relative"].transform("min")
-    dup = (reason == "") & (rows["relative"] != original)
+    original, copy = duplicate_copies(rows)
+    dup = (reason == "") & copy
     reason[dup] = "duplicate: " + original[dup]
     reason[(reason == "") & (rows["caption_error"] != "")] = rows["caption_error"]
     reason[(reason == "") & (error == "too_small")] = "too_small"
@@ -113,15 +127,35 @@ def assign_reasons(rows: pd.DataFrame, curate: Curate, variant: str, quality_lea
     return used
 
 
-def assign_split(rows: pd.DataFrame, seed: int, holdout_fraction: float) -> None:
-    """Fill ``rows.split`` in place (see module docstring)."""
+def duplicate_copies(rows: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(the original's relative path per row, whether the row is a later copy of it): the original of a content
+    hash is the copy whose relative path sorts first."""
+    original = rows.groupby("id")["relative"].transform("min")
+    return original, rows["relative"] != original
+
+
+def assign_split(rows: pd.DataFrame, seed: int, holdout_fraction: float, max_upscale: float) -> None:
+    """Fill ``rows.split`` and ``rows.eval`` in place and give held-out rows the evaluation geometry (``error``
+    "too_small" re-judged on it); see the module docstring. Run before :func:`assign_reasons`."""
     units = rows["id"].map(lambda i: hash_unit(seed, i))
-    split = np.where(units < holdout_fraction, "holdout", "train")
-    kept = rows["kept"].to_numpy()
-    if holdout_fraction > 0 and kept.sum() >= 2 and not (split[kept] == "holdout").any():
-        idx = units[kept].idxmin()
-        split[rows.index.get_loc(idx)] = "holdout"
-    rows["split"] = split
+    geometry = rows["eval_geometry"].map(lambda g: g or {})
+    small = geometry.map(lambda g: bool(g) and needs_too_much_upscale(g["upscale"], max_upscale))
+    readable = rows["error"].isin(["", "too_small"])
+    eligible = readable & (rows["caption_error"] == "") & ~duplicate_copies(rows)[1] & ~small
+    held = units < holdout_fraction
+    if holdout_fraction > 0 and eligible.sum() >= 2 and not (held & eligible).any():
+        held = rows["id"] == rows.loc[units[eligible].idxmin(), "id"]
+    for idx in rows.index[held & readable]:
+        for col in GEOMETRY:
+            rows.at[idx, col] = geometry[idx][col]
+        rows.at[idx, "error"] = "too_small" if small[idx] else ""
+    rows["split"] = np.where(held, "holdout", "train")
+    rows["eval"] = held & eligible
+
+
+def eval_set_sha256(manifest: pd.DataFrame) -> str:
+    """The evaluation set's identity: sha256 of its sorted ids, one per line (equal for every data variant)."""
+    return sha256_text("\n".join(sorted(manifest.loc[manifest["eval"], "id"])))
 
 
 def stage2_from_train(rows: pd.DataFrame, variant: str) -> None:

@@ -1,8 +1,10 @@
 """The `evaluate` stage: seed Table 2 (VAE reconstruction) and Table 5 (generation, per aspect ratio).
 
-Memory is bounded by ``evaluate.max_images``, not by the dataset: at most that many held-out images are
-reconstructed (Table 2) and at most that many kept images form the real reference set of FID and the FD stand-in,
-read one at a time from the curated shards; both subsets are fixed by the image ids, so runs are comparable.
+Both measurements use the curated evaluation set (manifest ``eval``: held out before the data variant's filters,
+:func:`ultraflux.data.select.assign_split`), the same images in every co-design cell. Memory is bounded by
+``evaluate.max_images``, not by the dataset: at most that many evaluation images are reconstructed (Table 2) and form
+the real reference set of FID and the FD stand-in, read one at a time from the curated shards; the subset is fixed by
+the image ids, so runs and cells are comparable.
 A few held-out images are also saved as input | reconstruction crops for the report (``outputs/evaluate/recon``).
 
 On several processes (``python -m ultraflux.launch evaluate``) the held-out images and the aspect ratios are split
@@ -50,7 +52,7 @@ def vae_table(params: dict, manifest: pd.DataFrame, curated_dir: Path, vae_dir: 
     from ultraflux.evaluation.reconstruction import mean_metrics, per_image_metrics
     from ultraflux.models.vae import build_vae
 
-    rows = manifest[manifest["kept"] & (manifest["split"] == "holdout")]
+    rows = manifest[manifest["eval"]]
     split = "holdout"
     if rows.empty:  # the curate guard normally prevents this; say so rather than silently evaluate on train images
         rows, split = manifest[manifest["kept"]], "train (no holdout images)"
@@ -92,7 +94,7 @@ def evaluate_run(params: dict, curated_dir: Path, vae_dir: Path, samples_dir: Pa
     manifest = pd.read_parquet(curated_dir / "manifest.parquet")
     cfg = params["evaluate"]
     out: dict = {"vae": vae_table(params, manifest, curated_dir, vae_dir, out_dir / "recon"), "generation": {}}
-    kept = bounded(manifest[manifest["kept"]], cfg["max_images"])
+    kept = bounded(manifest[manifest["eval"]], cfg["max_images"])
     aspects = list(params["sample"]["aspects"])
     reference = None   # built by each process that scores an aspect ratio
     prompts = json.loads((samples_dir / "prompts.json").read_text())

@@ -47,8 +47,8 @@ def select_rows(manifest: pd.DataFrame, subset: str) -> pd.DataFrame:
 
 
 def holdout_rows(manifest: pd.DataFrame, count: int) -> pd.DataFrame:
-    """The validation images: the first ``count`` kept held-out rows, in manifest order."""
-    return manifest[manifest["kept"] & (manifest["split"] == "holdout")].head(int(count))
+    """The validation images: the first ``count`` rows of the evaluation set (shared by the data variants)."""
+    return manifest[manifest["eval"]].head(int(count))
 
 
 def make_accelerator(grad_accum: int):

@@ -67,7 +67,7 @@ def select_vae_rows(manifest: pd.DataFrame, top_fraction: float, eval_images: in
     kept = manifest[manifest["kept"]]
     train = kept[kept["split"] == "train"].sort_values("texture_rank", ascending=False, kind="stable")
     train = train.head(max(1, int(round(len(train) * top_fraction))))
-    holdout = kept[kept["split"] == "holdout"].head(int(eval_images))
+    holdout = manifest[manifest["eval"]].head(int(eval_images))   # the evaluation set, shared by the data variants
     cols = [c for c in ROW_COLUMNS if c in manifest.columns]
     return train[cols].reset_index(drop=True), holdout[cols].reset_index(drop=True)
 

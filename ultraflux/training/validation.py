@@ -2,20 +2,22 @@
 
 Protocol (MLPerf Training's text-to-image benchmark on Flux.1, after Esser et al. 2024, "Scaling Rectified Flow
 Transformers": the validation loss averaged over 8 equidistant timesteps 0, 1/8, ..., 7/8). Every held-out image (the
-first ``validation.images`` kept rows with ``split == "holdout"``, cached like the training ones) is noised at each
-sigma in ``VAL_SIGMAS`` with noise fixed per (image, sigma), a generator keyed by the seed, the image's cache key and
-the sigma's index; the transformer (the training RoPE, the training forward, ``flow.predict_velocity``) predicts the
-velocity, and
+first ``validation.images`` rows of the curated evaluation set (manifest ``eval``: held out before the data
+variant's filters, so every co-design cell validates on the same images), cached like the training ones) is noised
+at each sigma in ``VAL_SIGMAS`` with noise fixed per (image, sigma), a generator keyed by the seed, the image's cache
+key and the sigma's index; the transformer (the training RoPE, the training forward, ``flow.predict_velocity``)
+predicts the velocity, and
 
     val_loss_t<k>       mean over images of the velocity MSE  mean((v_hat - (n - x0))^2)  at sigma = k / 8
                         (MLPerf's metric and its naming: timestep index k in 0..7, divided by 8)
     val_loss            mean over the 8 sigmas
     val_objective       the same average of the training objective's own value (``dit_loss`` with ``objective``)
 
-``val_loss`` is the same quantity whatever the objective (it equals objective ``l2``), so the four co-design cells
-report a comparable number; ``val_objective`` is each cell's own loss. Only the model changes between evaluations, so
-the curve is comparable across steps and runs. Images are dealt round-robin to the processes and the sums are
-all-reduced, so the value does not depend on the number of processes (up to float summation order).
+``val_loss`` is the same quantity whatever the objective (it equals objective ``l2``), on the same images (the
+evaluation set) in latents of the same frozen VAE encoder, so the four co-design cells report a comparable number;
+``val_objective`` is each cell's own loss (not comparable across the objectives). Only the model changes between
+evaluations, so the curve is comparable across steps and runs. Images are dealt round-robin to the processes and the
+sums are all-reduced, so the value does not depend on the number of processes (up to float summation order).
 
 Validation samples: each of ``validation.prompts`` with seed ``seed + i``, ``validation.sample_steps`` Euler steps of
 ``UltraFluxPipeline`` at ``validation.sample_size`` px (square), decoded by the stage's VAE; the main process logs them
