@@ -1,4 +1,5 @@
 """launch.* -> the command each machine runs, global batch layouts, layout-independent samplers, `ultraflux plan`."""
+import os
 import subprocess
 import sys
 
@@ -111,18 +112,16 @@ def test_launcher_refuses_a_layout_before_starting(tmp_path):
     assert out.returncode == 2 and "global_batch 2 cannot be split over 3 processes with batch_size 1" in out.stderr
 
 
-def test_params_stage_refuses_a_layout_before_any_stage_runs(tmp_path, monkeypatch, capsys):
-    """dvc.yaml's first stage checks every training stage's layout for the launch, so a global batch that 3
-    processes cannot split stops the pipeline before download and curation, not when vae starts."""
-    from ultraflux.stage import check_params_stage
-
+def test_params_stage_refuses_a_layout_before_any_stage_runs(tmp_path):
+    """dvc.yaml's first stage checks every stage's launch, so a global batch that 3 processes cannot split stops the
+    pipeline before download and curation, not when vae starts."""
     params = load_params(ROOT / "params.yaml")
     params["launch"]["processes"] = 3
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    assert check_params_stage("params.yaml") == 2
-    err = capsys.readouterr().err
-    assert "global_batch 2 cannot be split over 3 processes with batch_size 1" in err
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "params.py")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2, out.stderr
+    assert "global_batch 2 cannot be split over 3 processes with batch_size 1" in out.stderr
     assert not (tmp_path / "outputs").exists()
 
 

@@ -111,19 +111,17 @@ def headline(stage: str, result: dict) -> dict:
     return out
 
 
-def check_params_stage(params_path: str = "params.yaml") -> int:
+def check_params_stage(params_path: str = "params.yaml", checks: Sequence[Callable[[dict], list[str]]] = ()) -> int:
     """The ``params`` stage (dvc.yaml's first): validate the whole file. DVC removes a stage's outputs just before
     it runs that stage, so a typo must fail here, upstream of every other stage, or DVC would already have deleted
     curate's outputs when curate's own check refused the file. Its output never changes while the file is valid,
-    so a valid edit re-runs only the stages whose own params changed. The training stages' batch layouts for
-    ``launch`` (global batch = batch x processes x accumulation) are checked here too, before curation's hours."""
-    from ultraflux.launch import TRAINING_SECTION, launch_problems
-
+    so a valid edit re-runs only the stages whose own params changed. ``checks``: further checks of valid params
+    (``stages/params.py``: every stage's launch, e.g. a global batch the processes cannot split), before curation."""
     quiet_third_party()
     try:
         params = load_validated(params_path)
-        if problems := list(dict.fromkeys(p for stage in TRAINING_SECTION for p in launch_problems(params, stage))):
-            raise ParamsError(problems, params_path)   # a global batch the launch cannot split: before curation
+        if problems := list(dict.fromkeys(p for check in checks for p in check(params))):
+            raise ParamsError(problems, params_path)
     except ParamsError as e:
         print("[params] nothing was run and no output was removed; fix the file and run again", file=sys.stderr)
         print(f"[params] {e}", file=sys.stderr)   # last: what a queued experiment's failure reason quotes
