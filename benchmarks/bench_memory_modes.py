@@ -3,8 +3,9 @@ from the real FLUX.1-dev / UltraFlux-v1 sizes, cross-checked on the CPU, and the
 
 1. ACCOUNTING (no GPU needed; say so when quoting it): the transformer (FLUX.1-dev config: 19 double + 38 single
    blocks, 24 heads x 128), T5-XXL and CLIP-L text encoders instantiated on the meta device (parameter counts by
-   tensor), the F16 VAE's parameters; activations of one transformer forward at 4096^2 = 65536 image + 512 text
-   tokens, S = 66048, D = 3072, bf16, with a memory-efficient SDPA kernel (flash / mem-efficient: no S^2 scores):
+   tensor), the F16 VAE's parameters; activations of one transformer forward at 4096^2 = 16384 image tokens
+   (F16 VAE x 2x2 packing = 32 px per token; FLUX.1's F8 VAE would give 65536) + 512 text tokens, S = 16896,
+   D = 3072, bf16, with a memory-efficient SDPA kernel (flash / mem-efficient: no S^2 scores):
    the single-block peak of ~17 S x D live elements (residual, norm, q/k/v, their rotated copies, attention output,
    4D MLP, the 5D concat); tiled VAE decode (1024 px tiles): ~3 live 128-channel tensors at tile resolution.
    Per mode: none = every component resident; model = the largest component + its activations (diffusers' model

@@ -47,9 +47,10 @@ def main(params, logger):
     logger.log_metrics(timing)
     logger.set_tags({"sample.device": pipe.placement["device"], "sample.dtype": pipe.placement["dtype"],
                      "sample.offload": pipe.placement["offload"], "sample.rope": pipe.transformer.pos_embed.describe(),
-                     "sample.weights": weights,
+                     "sample.weights": weights, "sample.memory": pipe.placement["memory"],
                      "sample.vae_decode": pipe.last_decode.get("mode", "")})
     return {"num_prompts": len(prompts), "aspects": len(params["sample"]["aspects"]), "vae_tiled_images": tiled,
+            "weights": weights, "memory": pipe.placement["memory"],
             "vae_decode_partitioned": int(pipe.last_decode.get("mode") == "partitioned"), "_timing": timing}
 
 

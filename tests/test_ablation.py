@@ -217,6 +217,22 @@ def test_queue_status_retries_dvc_s_transient_failures(monkeypatch):
         dvc_queue.queue_status(Path("."))
 
 
+@pytest.mark.parametrize("other_state, stops_workers", [("Running", False), ("Queued", False), ("Success", True)])
+def test_stop_leaves_other_experiments_workers_alone(monkeypatch, other_state, stops_workers):
+    """Ctrl-C of the ablation stops its own cells; DVC's workers (repository-wide) are stopped only when no other
+    experiment of this repository is queued or running."""
+    calls = []
+    status = {"1475cdd": ("co-design-A", "Running"), "2b3c4d5": ("co-design-B", "Queued"),
+              "9f9f9f9": ("my-sweep-3", other_state)}
+    monkeypatch.setattr(dvc_queue, "_dvc", lambda args, cwd, check=True, timeout=600: calls.append(args))
+    monkeypatch.setattr(dvc_queue, "read_queue_status", lambda repo: (status, 1))
+    monkeypatch.setattr(dvc_queue.time, "sleep", lambda s: None)
+    states = dvc_queue.stop_all(Path("."), {"A": "1475cdd", "B": "2b3c4d5"}, settle=0.05)
+    assert states == {"A": "Running", "B": "Queued"}
+    assert ["queue", "remove", "2b3c4d5"] in calls and ["queue", "kill", "--force", "1475cdd"] in calls
+    assert (["queue", "stop", "--kill"] in calls) == stops_workers
+
+
 def test_wait_does_not_take_a_momentarily_missing_task_for_gone(monkeypatch):
     """A task between Queued and Running can be absent from one `dvc queue status`; only a task absent for
     MISSING_POLLS polls in a row counts as gone."""

@@ -37,6 +37,8 @@ WRONG_EDITS = [
      "dit_stage1 or dit_stage2, not in 'curate')"),   # a key put in the wrong section
     ("shift", 3.0, "'shift' is not a known key (it belongs in dit_stage1 or dit_stage2, not at the top level)"),
     ("vae_train.checkpoint_every", 0, "'vae_train.checkpoint_every' must be greater than or equal to 1"),
+    ("dit_stage2.lr", 1e30, "'dit_stage2.lr' must be less than or equal to 1"),   # diverges: NaN after a few steps
+    ("dit_stage1.steps", 10_000_000, "'dit_stage1.steps': must be at most 1,000,000 (got 10,000,000)"),
     ("curate.max_image_pixels", "big", "'curate.max_image_pixels' must be a valid integer"),
     ("curate.entropy_min", 70, "'curate.entropy_min' must be less than or equal to 8"),
     ("rope.snap_all_bands", "maybe", "'rope.snap_all_bands' must be a valid boolean"),

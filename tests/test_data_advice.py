@@ -31,7 +31,7 @@ def rows():
 
 def test_each_reason_names_key_direction_and_value(curate):
     lines = {ln.split(" ")[0]: ln for ln in relax_advice(rows(), curate, wanted=2)}
-    assert set(lines) == {"too_small", "flat", "low_entropy", "low_quality", "low_aesthetic"}
+    assert set(lines) == {"too_small", "flat", "low_entropy", "low_quality", "low_aesthetic", "note:"}
     assert "raise curate.max_upscale from 1.5 to 2.4" in lines["too_small"]
     assert "lower curate.buckets.scale from 0.125 to 0.0781" in lines["too_small"]       # 0.125 * 1.5 / 2.4
     assert "raise curate.flat.max_fraction from 0.5 to 0.7 to let up to 2 more" in lines["flat"]
@@ -41,6 +41,15 @@ def test_each_reason_names_key_direction_and_value(curate):
     assert "raise curate.quality.standin_keep_fraction from 0.9 to 1" in lines["low_quality"]
     # 3 rows reached the aesthetic filter, 1 kept: 3/3 keeps both
     assert "raise curate.aesthetic.keep_top from 0.3 to 1" in lines["low_aesthetic"]
+    # the two relative filters keep a share of what reaches them: relaxing an earlier filter gains less than "up to"
+    assert lines["note:"].startswith("note: curate.quality.standin_keep_fraction 0.9 and curate.aesthetic.keep_top "
+                                     "0.3 keep a fraction of the images that reach them")
+
+
+def test_no_note_when_only_relative_filters_removed_images(curate):
+    r = rows()
+    r = r[r["reason"].isin(["low_aesthetic", ""])]
+    assert [ln.split(" ")[0] for ln in relax_advice(r, curate, wanted=1)] == ["low_aesthetic"]
 
 
 def test_values_really_keep_that_many(curate):

@@ -60,6 +60,19 @@ def test_subset_is_the_same_whatever_the_file_order_and_grows_by_inclusion(tmp_p
     assert set(pick["a"]) < {r["url"] for r in metadata.select_subset(records, 20)}
 
 
+def test_subset_counts_a_url_listed_twice_once(tmp_path):
+    """The release may list one URL in two records (another file, another caption): it takes one place in the
+    subset (its last record, as the download keeps), and records that differ are never compared."""
+    (tmp_path / "m").mkdir()
+    recs = [record(f"http://x/{i}.jpg", i) for i in range(7)]
+    recs += [{**r, "en_caption": "a second caption"} for r in recs]
+    (tmp_path / "m" / "a.json").write_text(json.dumps(recs))
+    _, records = metadata.iter_records(tmp_path / "m", FIELDS, lambda p: None)
+    chosen = list(metadata.select_subset(records, 3))
+    assert len({r["url"] for r in chosen}) == 3 == len(chosen)
+    assert {r["caption"] for r in chosen} == {"a second caption"}
+
+
 def test_balanced_subset_takes_every_aspect_group(tmp_path):
     (tmp_path / "m").mkdir()
     recs = [record(f"http://x/w{i}.jpg", i, width=4000, height=2250) for i in range(30)]

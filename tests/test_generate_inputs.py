@@ -48,6 +48,7 @@ def refused(argv, capsys) -> str:
     (["--out", "{tmp}"], "is a folder; name the image file"),
     (["--out", "{tmp}/transformer/config.json/x.png"], "is a file, not a folder"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--memory", "group", "--offload", "model"], "memory 'group' offloads the transformer itself"),
 ])
 def test_bad_input_is_refused_before_any_model_loads(args, message, models, tmp_path, capsys):
     argv = ["--prompt", "a lighthouse", "--rope-from", "params", "--out", str(tmp_path / "ok.png"), *models]

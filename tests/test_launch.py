@@ -1,4 +1,5 @@
 """launch.* -> the command each machine runs, global batch layouts, layout-independent samplers, `ultraflux plan`."""
+import os
 import subprocess
 import sys
 
@@ -111,8 +112,34 @@ def test_launcher_refuses_a_layout_before_starting(tmp_path):
     assert out.returncode == 2 and "global_batch 2 cannot be split over 3 processes with batch_size 1" in out.stderr
 
 
+def test_params_stage_refuses_a_layout_before_any_stage_runs(tmp_path):
+    """dvc.yaml's first stage checks every stage's launch, so a global batch that 3 processes cannot split stops the
+    pipeline before download and curation, not when vae starts."""
+    params = load_params(ROOT / "params.yaml")
+    params["launch"]["processes"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "params.py")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2, out.stderr
+    assert "global_batch 2 cannot be split over 3 processes with batch_size 1" in out.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_launch_is_no_stage_param_and_cmd_is_fixed():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in ("vae", "dit_stage1", "dit_stage2", "sample", "evaluate"):
         assert spec[stage]["cmd"] == f"python -m ultraflux.launch {stage}"
         assert not any(str(p).startswith("launch") for p in spec[stage]["params"])
+
+
+def test_plan_prints_the_slurm_scripts_launch_settings():
+    """`ultraflux plan --nodes M` fills in the SLURM script's launch keys: the two must not drift apart."""
+    import re
+
+    from ultraflux.plan import SLURM_LAUNCH
+
+    script = (ROOT / "scripts" / "slurm_ultraflux.sbatch").read_text()
+    written = {k: v.strip('"').replace("\\$", "$") for k, v in re.findall(r"^  (\w+): (.+)$", script, re.M)}
+    assert written["prefix"] == SLURM_LAUNCH["prefix"]
+    assert written["machine_rank_env"] == SLURM_LAUNCH["machine_rank_env"]
+    assert written["main_process_ip"] == SLURM_LAUNCH["main_process_ip"]

@@ -91,6 +91,9 @@ def test_two_processes_reproduce_one(tmp_path):
     assert [p for p in one["samples"] if two["samples"][p] != one["samples"][p]] == []
     assert two["metrics"] == one["metrics"] and two["evaluate"] == one["evaluate"]
 
+    # The 1-process checkpoints belong to another process layout: a 2-process run refuses to resume them (the global
+    # batch and ZeRO shards depend on it) and says to move them aside, which is what a user would do here.
+    (repo / "checkpoints").rename(repo / "checkpoints.one-process")
     table = {}
     for stage in ("vae", "dit_stage1", "dit_stage2"):
         assert "--num_processes 2" in sh(f"dvc repro -f -s {stage}", repo, env)

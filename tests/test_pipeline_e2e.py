@@ -58,6 +58,9 @@ def test_dvc_repro_then_exp_run(tmp_path):
     for stage in ("dit_stage1", "dit_stage2"):
         assert (repo / f"outputs/{stage}/transformer/diffusion_pytorch_model.safetensors").exists()
     params = load_params(repo / "params.yaml")
+    for stage in ("dit_stage1", "dit_stage2"):  # trained weights carry the RoPE they were trained with
+        saved = json.loads((repo / f"outputs/{stage}/transformer/ultraflux.json").read_text())["rope"]
+        assert saved == {k: params["rope"][k] for k in saved} and saved["train_len"] == params["rope"]["train_len"]
     n_prompts, aspects = len(params["sample"]["prompts"]), params["sample"]["aspects"]
     assert len(list((repo / "outputs/samples/dit_stage2").glob("*/*.png"))) == n_prompts * len(aspects)
     evaluate = json.loads((repo / "outputs/results/evaluate.json").read_text())
@@ -74,6 +77,7 @@ def test_dvc_repro_then_exp_run(tmp_path):
     assert 10 <= len(values) <= 40 and all(isinstance(v, (int, float)) for v in values), values
     report = (repo / "outputs/report/report.html").read_text()
     assert "data:image/png;base64" in report and "Gemini pairwise preference" in report
+    assert "Weights: raw (sample.weights); transformer memory mode: none (sample.memory)" in report
 
     # MLflow: one parent run, a child per stage.
     [first] = parents(repo)

@@ -32,3 +32,19 @@ def test_no_expectation_notice_with_real_weights_and_no_warning_with_enough_imag
     params["model"]["pretrained"] = "/models/FLUX.1-dev"
     page = render(tmp_path, params, {"evaluate": {"vae": {"psnr": 30.1, "num_images": 64}}})
     assert "Embedded CPU profile" not in page and "too few to compare" not in page
+
+
+def test_vae_crops_of_released_photos_carry_the_photographers_credit(tmp_path, params):
+    from PIL import Image
+
+    outputs = tmp_path / "outputs"
+    (outputs / "evaluate" / "recon").mkdir(parents=True)
+    (outputs / "curated").mkdir()
+    for image_id in ("a1", "b2"):
+        Image.new("RGB", (64, 32), "gray").save(outputs / "evaluate" / "recon" / f"{image_id}.png")
+    pd.DataFrame({"id": ["a1", "b2"], "eval": [True, True], "photographer": ["Ann Lee", ""],
+                  "work_url": ["https://www.pexels.com/photo/1/", ""]}).to_parquet(outputs / "curated" /
+                                                                                 "manifest.parquet")
+    page = render(tmp_path, params, {"evaluate": {"vae": {"psnr": 20.0, "num_images": 2}}})
+    assert "a1: input | reconstruction<br>Photo: Ann Lee (https://www.pexels.com/photo/1/)" in page
+    assert "b2: input | reconstruction<" in page and "Photo: unknown" not in page

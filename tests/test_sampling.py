@@ -209,3 +209,24 @@ def test_generate_cli_official_weights_need_the_paper_rope(release_dirs, tmp_pat
                 ROOT / "params.yaml", "--out", tmp_path / "x.png", cwd=tmp_path)
     assert proc.returncode != 0 and "rope.train_len must be 64 (got 8)" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("memory", ["group", "fp8"])
+def test_low_vram_transformer_gets_its_hooks_in_host_memory(model_dirs, monkeypatch, memory):
+    """sample.memory's hooks are installed while the transformer is still in host memory, so the accelerator never
+    holds all of its weights in sample.dtype (on a 24 GB card the bf16 transformer alone would not fit). The meta
+    device stands in for the accelerator; the other components go there directly."""
+    import ultraflux.pipelines.pipeline_ultraflux as pipeline_module
+
+    params, root = model_dirs
+    pipe = load_pipeline(params, root / "transformer", root / "vae")
+    seen = []
+
+    def hooks(transformer, mode, device, dtype):
+        seen.append(({p.device.type for p in transformer.parameters()}, pipe.vae.device.type, str(device)))
+        return mode
+    monkeypatch.setattr(pipeline_module, "apply_memory_mode", hooks)
+    placement = pipe.place(dtype="float32", device="meta", memory=memory)
+    assert seen == [({"cpu"}, "meta", "meta")] and placement["memory"] == memory
+    after = {p.device.type for p in pipe.transformer.parameters()}
+    assert after == ({"cpu"} if memory == "group" else {"meta"})  # group offload onloads block by block

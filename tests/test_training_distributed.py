@@ -118,3 +118,33 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_set):
             for r in (0, 1)] == [0, 0]                                  # the resumed run reuses the cache
     assert pd.read_csv(d / "zero2/out/val_loss.csv").equals(v2)
 
+
+
+def test_lora_with_ema_under_zero2_resumes_identically(tiny_set):
+    """A LoRA adapter with EMA on two DeepSpeed ZeRO-2 processes: only the adapter trains, the merged weights, the
+    adapter, the EMA and the EMA adapter are written, and a run resumed from the step-2 checkpoint (per-rank optimizer
+    shards, the EMA with it) writes byte-identical files."""
+    from safetensors.torch import load_file
+
+    from test_training_lora_ema import EMA, LORA
+
+    base, d = tiny_set
+    base = {**base, "latent_cache": {**base["latent_cache"], "shard_size": 3, "encode_batch_size": 2}}
+    params = tiny_params(base, steps=STEPS, batch_size=1, global_batch=2 * ACCUM, checkpoint_every=2,
+                         keep_checkpoints=2, val_every=2, lr=3e-3, lora=LORA, ema=EMA)
+    run = job(d, "lora2", params, no_shm_op=True, cache=str(d / "lora2" / "cache"))
+    launch(run)
+    out = d / "lora2" / "out" / "transformer"
+    names = ("diffusion_pytorch_model.safetensors", "lora/pytorch_lora_weights.safetensors",
+             "ema/diffusion_pytorch_model.safetensors", "ema/lora/pytorch_lora_weights.safetensors")
+    first = {n: load_file(out / n) for n in names}
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in first[names[1]].items())   # the adapter trained
+    assert any(not torch.equal(first[names[1]][k], first[names[3]][k]) for k in first[names[1]])  # EMA differs
+
+    shutil.rmtree(d / "lora2" / "ckpt" / f"step-{STEPS:08d}")
+    shutil.rmtree(out)
+    log = launch(run)
+    assert "resumed from" in log and "at step 2" in log
+    for n in names:
+        again = load_file(out / n)
+        assert again.keys() == first[n].keys() and all(torch.equal(again[k], first[n][k]) for k in again), n

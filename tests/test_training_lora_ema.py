@@ -74,6 +74,23 @@ def _train(base, d, name, on_batch=None, on_end=None):
                      d / "cache", progress=False, on_batch=on_batch, on_end=on_end), params
 
 
+def test_ema_of_a_bf16_model_is_kept_in_float32():
+    """Under DeepSpeed the model is bf16: an average kept in bf16 would never move at decay 0.999 (a 1e-3 step is
+    below half a bf16 ulp of weights near 1), so the EMA stays frozen at its first copy."""
+    from ultraflux.training.ema import ema_update, make_ema
+
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = make_ema({"decay": 0.999, "every": 1, "start": 1, "use_for_validation": False}, model)
+    assert ema_update(ema, {"decay": 0.999, "every": 1, "start": 1}, 1, model)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema_update(ema, {"decay": 0.999, "every": 1, "start": 1}, 2, model)
+    assert ema.shadow_params[0].dtype == torch.float32
+    torch.testing.assert_close(ema.shadow_params[0], torch.full((4, 4), 1.001), rtol=0, atol=1e-6)
+
+
 def test_lora_trains_only_the_adapter_lowers_val_loss_and_resumes_identically(tiny_set):
     import pandas as pd
     from diffusers import FluxPipeline

@@ -201,9 +201,15 @@ def test_real_full_disk_at_a_checkpoint(tmp_path, tmpfs):
     ck.reconcile(fingerprint(), 60)
     saved(ck, accelerator, state, 1)
     with pytest.raises(DiskFullError, match=r"ENOSPC \(no space left on device\) writing dit_stage1 checkpoint at "
-                                            r".*step-00000002.tmp \([\d,]+ bytes free\)"):
+                                            r".*step-00000002.tmp \([\d,]+ bytes free\)") as failure:
         saved(ck, accelerator, state, 2)
     assert [p.name for p in ck.checkpoints()] == ["step-00000001"] and not list(ck.dir.glob("*.tmp"))
+    # the free space it reports is the space after the half-written checkpoint was removed (not 0 bytes)
+    import re
+    import shutil
+
+    free = int(re.search(r"\(([\d,]+) bytes free\)", str(failure.value)).group(1).replace(",", ""))
+    assert free == shutil.disk_usage(ck.dir).free > 0
 
 
 def test_real_full_disk_at_the_final_save_and_before_training(tiny_set, tmpfs):
@@ -239,3 +245,29 @@ def test_not_enough_disk_is_reported_with_path_and_bytes(tmp_path):
     with pytest.raises(NotEnoughDisk, match=rf"{tmp_path}: {10 ** 19:,} bytes for the weights; {10 ** 19:,} bytes "
                                             r"needed, [\d,]+ free there"):
         check_disk_space("vae", {tmp_path: (10 ** 19, "the weights")}, "vae_train.keep_checkpoints")
+
+
+def test_a_full_disk_in_any_stage_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    """Outputs written without their own naming_disk_full block (sample images, evaluation crops, the report, download
+    shards) still end the stage with one line naming the file, exit 1, no traceback; other errors still raise."""
+    import ultraflux.stage as stage
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "outputs" / "samples" / "0.png"
+
+    def full(stage_name, fn, params):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        except OSError as e:
+            raise RuntimeError("PIL could not save the image") from e
+    monkeypatch.setattr(stage, "_run", full)
+    assert stage.run_stage("sample", lambda p, log: {}, params_path=str(ROOT / "params.yaml")) == 1
+    line = capsys.readouterr().err.strip()
+    assert line == (f"[sample] ENOSPC (no space left on device) writing the sample stage outputs at {out}: free space "
+                    "there and re-run (the outputs of earlier stages are kept)")
+
+    def broken(stage_name, fn, params):
+        raise OSError(errno.EACCES, "Permission denied", str(out))
+    monkeypatch.setattr(stage, "_run", broken)
+    with pytest.raises(PermissionError):
+        stage.run_stage("sample", lambda p, log: {}, params_path=str(ROOT / "params.yaml"))

@@ -119,6 +119,17 @@ def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> b
     return False
 
 
+def disk_full_message(exc: BaseException, what: str) -> str:
+    """One line for a full disk that no :func:`naming_disk_full` block caught: the file the OS named, if any."""
+    seen, where = set(), None
+    while exc is not None and id(exc) not in seen and where is None:
+        seen.add(id(exc))
+        where = getattr(exc, "filename", None)
+        exc = exc.__cause__ or exc.__context__
+    return (f"ENOSPC (no space left on device) writing {what}" + (f" at {where}" if where else "") +
+            ": free space there and re-run (the outputs of earlier stages are kept)")
+
+
 @contextmanager
 def naming_disk_full(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
     """Re-raise a full-disk failure inside the block as one :class:`DiskFullError` naming ``path``."""

@@ -32,7 +32,8 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
                 axes_dims_rope=(16, 56, 56))
 # The SLURM script's multi-machine settings (scripts/slurm_ultraflux.sbatch), used when --nodes asks for machines that
 # params.yaml does not describe yet.
-SLURM_LAUNCH = {"prefix": "srun --nodes=$SLURM_NNODES --ntasks-per-node=1", "machine_rank_env": "SLURM_NODEID",
+SLURM_LAUNCH = {"prefix": "srun --overlap --nodes=$SLURM_NNODES --ntasks-per-node=1",
+                "machine_rank_env": "SLURM_NODEID",
                 "main_process_ip": "$MASTER_ADDR", "rdzv_backend": "static"}
 
 

@@ -261,17 +261,38 @@ def _vae(results: dict, outputs: Path) -> str:
     parts = [_table([{"model": "this run's F16 VAE", **vae}]), _few(vae.get("num_images"), "These metrics"),
              "<p>Paper (Aesthetic-4K@4096, seed Table 2): UltraFlux-F16-VAE rFID 0.547, NMSE 0.00657, PSNR 30.70, "
              "SSIM 0.852, LPIPS 0.102.</p>"]
+    credits = _credits(outputs / "curated" / "manifest.parquet")
     for png in sorted((outputs / "evaluate" / "recon").glob("*.png")):
-        parts.append(_figure(png, f"{_esc(png.stem)}: input | reconstruction", fmt="PNG", long_side=None, width=520))
+        caption = f"{_esc(png.stem)}: input | reconstruction"
+        if credits.get(png.stem):  # attribution of a released (Pexels / Unsplash) image
+            caption += f"<br>{_esc(credits[png.stem])}"
+        parts.append(_figure(png, caption, fmt="PNG", long_side=None, width=520))
     return "".join(parts)
 
 
-def _samples(params: dict, outputs: Path) -> str:
+def _credits(manifest_path: Path) -> dict:
+    """{image id: "Photo: <photographer> (<work_url>)"} of the evaluation images that carry an attribution."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from ultraflux.data.released import attribution_line
+
+    if not manifest_path.is_file():
+        return {}
+    names = pq.read_schema(manifest_path).names
+    rows = pd.read_parquet(manifest_path, columns=[c for c in ("id", "eval", "photographer", "work_url") if c in names])
+    rows = rows[rows["eval"]] if "eval" in rows else rows
+    return {row["id"]: line for row in rows.to_dict("records") if (line := attribution_line(row))}
+
+
+def _samples(params: dict, results: dict, outputs: Path) -> str:
     from PIL import Image
 
     samples = outputs / "samples"
     prompts = json.loads((samples / "prompts.json").read_text()) if (samples / "prompts.json").is_file() else []
-    parts = []
+    done = results.get("sample") or {}
+    parts = [f"<p>Weights: {_esc(done['weights'])} (sample.weights); transformer memory mode: "
+             f"{_esc(done['memory'])} (sample.memory).</p>"] if "weights" in done and "memory" in done else []
     for aspect in params["sample"]["aspects"]:
         folder = samples / "dit_stage2" / aspect.replace(":", "x")
         parts.append(f"<h3>{_esc(aspect)}</h3>")
@@ -318,7 +339,7 @@ def write_report(params: dict, metrics_dir: Path, outputs: Path, out_path: Path,
         ("Download of the released metadata (MultiAspect-4K-1M)", _download(results)),
         ("Curation (seed Sec. 2.1)", _curation(results, outputs)),
         ("VAE reconstruction (seed Table 2 columns)", _vae(results, outputs)),
-        ("Samples (stage-2 model; fixed prompts and seeds)", _samples(params, outputs)),
+        ("Samples (stage-2 model; fixed prompts and seeds)", _samples(params, results, outputs)),
         ("Generation metrics per aspect ratio (seed Table 5 columns + Diffusion-4K detail metrics)",
          _generation(results)),
         ("Diagnostics (seed Figs. 1-3)", _diagnostics(results, outputs)),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ultraflux.config import ParamsError, get, load_validated, parse_yaml
-from ultraflux.io import StageFailure, sha256_file, write_json
+from ultraflux.io import StageFailure, disk_full_message, is_disk_full, sha256_file, write_json
 from ultraflux.quiet import quiet_third_party
 from ultraflux.tracking import NullLogger, flatten, stage_run
 
@@ -111,14 +111,17 @@ def headline(stage: str, result: dict) -> dict:
     return out
 
 
-def check_params_stage(params_path: str = "params.yaml") -> int:
+def check_params_stage(params_path: str = "params.yaml", checks: Sequence[Callable[[dict], list[str]]] = ()) -> int:
     """The ``params`` stage (dvc.yaml's first): validate the whole file. DVC removes a stage's outputs just before
     it runs that stage, so a typo must fail here, upstream of every other stage, or DVC would already have deleted
     curate's outputs when curate's own check refused the file. Its output never changes while the file is valid,
-    so a valid edit re-runs only the stages whose own params changed."""
+    so a valid edit re-runs only the stages whose own params changed. ``checks``: further checks of valid params
+    (``stages/params.py``: every stage's launch, e.g. a global batch the processes cannot split), before curation."""
     quiet_third_party()
     try:
-        load_validated(params_path)
+        params = load_validated(params_path)
+        if problems := list(dict.fromkeys(p for check in checks for p in check(params))):
+            raise ParamsError(problems, params_path)
     except ParamsError as e:
         print("[params] nothing was run and no output was removed; fix the file and run again", file=sys.stderr)
         print(f"[params] {e}", file=sys.stderr)   # last: what a queued experiment's failure reason quotes
@@ -148,6 +151,11 @@ def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str =
         _run(stage, fn, params)
     except StageFailure as e:
         print(f"[{stage}] {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a full disk where no output named it (samples, evaluation, report, shards): one line
+        if not is_disk_full(e):
+            raise
+        print(f"[{stage}] {disk_full_message(e, f'the {stage} stage outputs')}", file=sys.stderr)
         return 1
     return 0
 

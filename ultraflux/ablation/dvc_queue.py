@@ -185,7 +185,8 @@ def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int
 
 def stop_all(repo: Path, ids: dict[str, str], settle: float = 60.0, poll: float = 1.0) -> dict[str, str]:
     """Stop the grid: remove our queued tasks, kill our running ones, stop DVC's queue workers (``dvc queue stop
-    --kill``), and wait up to ``settle`` seconds until no worker is left. Returns each cell's last queue state."""
+    --kill``) unless other experiments of this repository are queued or running (those are not ours to stop), and
+    wait up to ``settle`` seconds until ours are gone. Returns each cell's last queue state."""
     current = queue_status(repo)   # one `dvc queue status` for all cells (each call is a dvc process)
     states = {L: current.get(t, ("", "missing"))[1] for L, t in ids.items()}
     for L, t in ids.items():
@@ -194,11 +195,16 @@ def stop_all(repo: Path, ids: dict[str, str], settle: float = 60.0, poll: float 
     running = [t for L, t in ids.items() if states[L] == "Running"]
     if running:
         _dvc(["queue", "kill", "--force", *running], repo, check=False)
-    _dvc(["queue", "stop", "--kill"], repo, check=False)
+    others = [t for t, (_, state) in current.items() if t not in ids.values() and state in ("Queued", "Running")]
+    if others:
+        print(f"[ablation] DVC's queue workers keep running: {len(others)} other experiment(s) of this repository "
+              "are queued or running (`dvc queue stop` when they are done)", file=sys.stderr, flush=True)
+    else:
+        _dvc(["queue", "stop", "--kill"], repo, check=False)
     t0 = time.time()
     while time.time() - t0 < settle:
         st, workers = read_queue_status(repo)
-        if workers <= 0 and not any(st.get(t, ("", ""))[1] == "Running" for t in ids.values()):
+        if (workers <= 0 or others) and not any(st.get(t, ("", ""))[1] == "Running" for t in ids.values()):
             break
         time.sleep(poll)
     return states

@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
         prog="ultraflux ablation",
         description="Run the 2x2 data-model co-design ablation (seed Table 1) as four queued DVC experiments "
                     "co-design-A..D, wait for them, and write the Table-1 summary (CSV, Markdown, PNG; logged to "
-                    "MLflow). Exit status: 0 all four succeeded, 1 some failed, 3 --timeout passed.")
+                    "MLflow). Exit status: 0 all four succeeded, 1 some failed, 3 --timeout passed, 128 + the signal "
+                    "when stopped by SIGINT/SIGTERM (cells stopped, partial summary written).")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel queue workers (default 1; 2 keeps the "
                     "run-cache sharing of curate/vae, more may recompute them)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds to wait for the four experiments; "

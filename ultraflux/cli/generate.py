@@ -106,19 +106,24 @@ def input_problems(args, params: dict) -> tuple[list[str], tuple[int, int] | Non
 def main(argv: list[str]) -> int:
     ap = parser()
     args = ap.parse_args(argv)
-    from ultraflux.config import ParamsError, load_validated
+    from ultraflux.config import ParamsError, load_validated, validated_section
     from ultraflux.sampling import generate_file
 
     try:
         params = load_validated(args.params, check_paths=False)
     except ParamsError as e:
         ap.error(str(e))
+    overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload,
+                 "memory": args.memory, "rope_from": args.rope_from}
+    try:  # the flags replace sample.* keys: the schema's cross-key rules hold for the combination too
+        validated_section({"sample": {**params["sample"], **{k: v for k, v in overrides.items() if v is not None}}},
+                          "sample", f"{args.params} with the command's flags")
+    except ParamsError as e:
+        ap.error(str(e))
     problems, size = input_problems(args, params)
     if problems:
         ap.error("\n  ".join(problems))
     w, h = size
-    overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload,
-                 "memory": args.memory, "rope_from": args.rope_from}
     info = generate_file(params, args.transformer, args.vae, args.prompt, args.out, w, h, seed=args.seed,
                          steps=args.steps, guidance=args.guidance, overrides=overrides)
     print(json.dumps(info))

@@ -2,7 +2,8 @@
 value that would have let ``k`` more images past that filter, computed from this run's own statistics.
 
 Filters run in the order of :mod:`ultraflux.data.select`; an image let past one filter still meets the later ones,
-so each line says "up to". The values are read off the rejected rows' scores: relaxing a key to the value given
+so each line says "up to"; the relative filters (the quality stand-in's and the aesthetic top fraction) keep only a
+share of what reaches them, which a last note line says. The values are read off the rejected rows' scores: relaxing a key to the value given
 keeps exactly the ``k`` best-scoring images that this filter removed.
 """
 from __future__ import annotations
@@ -85,4 +86,11 @@ def relax_advice(rows: pd.DataFrame, curate: Curate, wanted: int) -> list[str]:
         lines.append(_line("low_aesthetic", len(low_aesthetic), k, f"raise curate.aesthetic.keep_top from "
                            f"{float(curate.aesthetic.keep_top):g} to {_ceil((passed + k) / reached, 3):g}",
                            "1.0"))
+    relative = [f"{key} {value:g}" for key, value, used in (
+        ("curate.quality.standin_keep_fraction", float(curate.quality.standin_keep_fraction), len(low_quality)),
+        ("curate.aesthetic.keep_top", float(curate.aesthetic.keep_top), len(low_aesthetic))) if used and value < 1]
+    if relative and any(not line.startswith(("low_quality", "low_aesthetic")) for line in lines):
+        lines.append(f"note: {' and '.join(relative)} keep a fraction of the images that reach them, so an image let "
+                     "past an earlier filter is kept only with about that chance; relaxing those keys keeps more of "
+                     "every filter's survivors")
     return lines

@@ -257,23 +257,30 @@ def _chain(head: list, rest: Iterable) -> Iterator:
 
 def select_subset(records: Iterable[dict], max_records: int, balance_aspects: bool = False) -> Iterator[dict]:
     """All records (max_records = 0), or the ``max_records`` with the smallest URL hash (see module docstring),
-    in key order. Bounded memory: one heap of ``max_records`` per aspect group."""
+    in key order. A URL listed twice takes one place (its last record, as the download keeps). Bounded memory: one
+    heap of ``max_records`` per aspect group."""
     if not max_records:
         yield from records
         return
     heaps: dict[str, list] = {}
+    members: dict[str, dict[tuple, dict]] = {}  # per group: (-hash, url) of each heap item -> its record
     for record in records:
         group = record["group"] if balance_aspects else ""
-        heap = heaps.setdefault(group, [])
-        item = (-int(record["key"], 16), record["url"], record)
-        if len(heap) < max_records:
+        heap, kept = heaps.setdefault(group, []), members.setdefault(group, {})
+        item = (-int(record["key"], 16), record["url"])
+        if item in kept:
+            kept[item] = record
+        elif len(heap) < max_records:
             heapq.heappush(heap, item)
-        elif item[:2] > heap[0][:2]:
-            heapq.heapreplace(heap, item)
-    ordered = {g: sorted(h, key=lambda it: (-it[0], it[1])) for g, h in sorted(heaps.items())}
+            kept[item] = record
+        elif item > heap[0]:
+            del kept[heapq.heapreplace(heap, item)]
+            kept[item] = record
+    ordered = {g: [members[g][it] for it in sorted(h, key=lambda it: (-it[0], it[1]))]
+               for g, h in sorted(heaps.items())}
     chosen: list[dict] = []
     for rank in range(max_records):  # round-robin over groups: equal shares where the groups allow
         for group in ordered.values():
             if rank < len(group) and len(chosen) < max_records:
-                chosen.append(group[rank][2])
+                chosen.append(group[rank])
     yield from sorted(chosen, key=lambda r: (r["key"], r["url"]))

@@ -135,15 +135,19 @@ class UltraFluxPipeline(FluxPipeline):
                            "memory, so sampling runs without offload", offload)
             offload = "none"
         self._cast(dtype)
-        if offload == "none":
-            self.to(device)
+        held = memory != "none" and offload == "none" and self.transformer is not None
+        if offload == "none":  # a low-VRAM transformer gets its hooks in host memory first (below): the device
+            for name, module in self.components.items():  # never holds all of its weights in sample.dtype
+                if isinstance(module, torch.nn.Module) and not (held and name == "transformer"):
+                    module.to(device)
+        elif offload == "model":
+            self.enable_model_cpu_offload(device=device)
         else:
-            if offload == "model":
-                self.enable_model_cpu_offload(device=device)
-            else:
-                self.enable_sequential_cpu_offload(device=device)
+            self.enable_sequential_cpu_offload(device=device)
         self.offload = offload
         memory = apply_memory_mode(self.transformer, memory, device, dtype) if self.transformer is not None else "none"
+        if held and not memory.startswith("group"):  # fp8 storage (or group's CPU fallback) lives on the device
+            self.transformer.to(device)
         self.placement = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "offload": offload,
                           "memory": memory}
         return self.placement

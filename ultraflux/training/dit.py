@@ -36,7 +36,7 @@ from ultraflux.training.loop import (TrainLoop, TrainState, check_training_disk,
                                      rng_neutral, write_csv)
 from ultraflux.training.memory import gradient_checkpointing, peak_memory
 from ultraflux.training.sampler import BucketBatchSampler
-from ultraflux.training.validation import VAL_COLUMNS, sample_images, validate
+from ultraflux.training.validation import VAL_COLUMNS, sample_images, validation_losses
 
 
 def select_rows(manifest: pd.DataFrame, subset: str) -> pd.DataFrame:
@@ -283,7 +283,8 @@ class DitSteps:
         ema_cfg = self.cfg["ema"]
         with rng_neutral(), swapped_in(self.ema, self.model, bool(ema_cfg and ema_cfg["use_for_validation"])):
             if len(self.data.val_set):
-                record = validate(self.accelerator, self.model, self.data.val_set, self.params, step, self.dtype)
+                record = validation_losses(self.accelerator, self.model, self.data.val_set, self.params, step,
+                                           self.dtype)
                 self.loop.state.val_history.append(record)
                 self.loop.log(record, step)
             if self.data.sample_prompts is not None and self.loop.logger is not None:

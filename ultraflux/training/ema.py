@@ -9,7 +9,8 @@ every ``every`` steps after that
 with a constant ``decay`` (``EMAModel(min_decay=decay)``: diffusers' (1+n)/(10+n) warm-up is capped at ``decay`` and
 floored at ``min_decay``, so it is constant from the second update on). The EMA is registered with accelerate, so it
 is checkpointed and resumed with the model, optimizer and RNG states. ``swapped_in(ema, model)`` puts the EMA weights
-into the model for validation or saving and restores the trained ones afterwards.
+into the model for validation or saving and restores the trained ones afterwards. The average is kept in float32
+whatever the model's dtype (bf16 under DeepSpeed): 4 bytes per trained parameter on each process.
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def make_ema(cfg: dict | None, model: torch.nn.Module):
     from diffusers.training_utils import EMAModel
 
     decay = float(cfg["decay"])
-    return EMAModel(trainable(model), decay=decay, min_decay=decay, update_after_step=0)
+    ema = EMAModel(trainable(model), decay=decay, min_decay=decay, update_after_step=0)
+    ema.to(dtype=torch.float32)  # a bf16 average (ZeRO-2's model dtype) would round every (1 - decay) step away
+    return ema
 
 
 def ema_update(ema, cfg: dict | None, step: int, model: torch.nn.Module) -> bool:

@@ -53,8 +53,8 @@ from ultraflux.io import atomic_path, naming_disk_full, sha256_file, sha256_json
 from ultraflux.models.lpips import LPIPS_BACKBONE_FILE, load_lpips  # noqa: F401 - LPIPS_BACKBONE_FILE for tests
 from ultraflux.training.checkpoint import Checkpointer, Fingerprint
 from ultraflux.training.layout import stage_layout
-from ultraflux.training.loop import (TrainLoop, check_training_disk, checkpoint_bytes, grad_norm_of, rng_neutral,
-                                     write_csv)
+from ultraflux.training.loop import (TrainLoop, check_training_disk, checkpoint_bytes, decided_by_main, grad_norm_of,
+                                     rng_neutral, write_csv)
 
 PERCEPTUAL_STANDIN = "standin:1-ssim (no LPIPS weights)"
 
@@ -261,13 +261,15 @@ def build_models(params: dict, accelerator) -> VaeModels:
                      perceptual_name)
 
 
-def check_vae_disk(cfg: dict, ckpt: Checkpointer | None, out_dir: Path, models: VaeModels) -> None:
-    """Room for ``keep_checkpoints`` + 1 checkpoints (all weights + AdamW state) and the final VAE, before training."""
+def check_vae_disk(cfg: dict, ckpt: Checkpointer | None, out_dir: Path, models: VaeModels, accelerator) -> None:
+    """Room for ``keep_checkpoints`` + 1 checkpoints (all weights + AdamW state) and the final VAE, before training;
+    decided by the main process for all (as the DiT's check), so every rank stops together."""
     modules, trainable = models.checkpointed
     n = sum(p.numel() for m in modules if m is not None for p in m.parameters())
     per = checkpoint_bytes(n, sum(p.numel() for p in trainable))
     final = sum(p.numel() for p in models.vae.parameters()) * 4
-    check_training_disk("vae", "vae_train.keep_checkpoints", cfg["keep_checkpoints"], ckpt, out_dir, per, final)
+    decided_by_main(accelerator, lambda: check_training_disk("vae", "vae_train.keep_checkpoints",
+                                                             cfg["keep_checkpoints"], ckpt, out_dir, per, final))
 
 
 @dataclass
@@ -381,7 +383,7 @@ def train_vae(params: dict, curated_dir: Path, out_dir: Path, logger=None, progr
                                       world={"num_processes": accelerator.num_processes}), cfg["steps"])
     loop = TrainLoop("vae", accelerator, ckpt, cfg["steps"], cfg["eval_every"], cfg["checkpoint_every"], logger,
                      progress)
-    check_vae_disk(cfg, ckpt, out_dir, models)
+    check_vae_disk(cfg, ckpt, out_dir, models, accelerator)
     loop.resume()
     sampler = CropSampler(list(zip(train_rows["width"].astype(int), train_rows["height"].astype(int))),
                           batch_size, size, seed, accelerator.process_index, accelerator.num_processes, accum)

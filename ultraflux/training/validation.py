@@ -70,7 +70,7 @@ def validation_sums(model, dataset, seed: int, objective: str, loss_cfg: dict, d
     return sums
 
 
-def validate(accelerator, model, dataset, params: dict, step: int, dtype: torch.dtype) -> dict:
+def validation_losses(accelerator, model, dataset, params: dict, step: int, dtype: torch.dtype) -> dict:
     """One evaluation (collective): {"step", "val_loss", "val_loss_t0" .. "val_loss_t7", "val_objective"}."""
     was_training = model.training
     model.eval()
