@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 # ----------------------------------------------------------------------------------------------------------- writes
@@ -131,14 +131,18 @@ def disk_full_message(exc: BaseException, what: str) -> str:
 
 
 @contextmanager
-def naming_disk_full(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
-    """Re-raise a full-disk failure inside the block as one :class:`DiskFullError` naming ``path``."""
+def naming_disk_full(path: str | os.PathLike, what: str = "output",
+                     cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Re-raise a full-disk failure inside the block as one :class:`DiskFullError` naming ``path``. ``cleanup`` runs
+    on any failure (interrupts included) after the failure is classified and before the error is raised, so the free
+    space the error reports is what a re-run will have."""
     try:
         yield
-    except DiskFullError:
-        raise
-    except Exception as e:
-        if is_disk_full(e, path):
+    except BaseException as e:
+        full = isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e, path)
+        if cleanup is not None:
+            cleanup()
+        if full:
             raise DiskFullError(path, what) from e
         raise
 

@@ -91,6 +91,11 @@ def launch_problems(params: dict, stage: str) -> list[str]:
     return problems
 
 
+def every_launch_problem(params: dict) -> list[str]:
+    """:func:`launch_problems` of every stage the launcher starts (the ``params`` stage checks them before any work)."""
+    return list(dict.fromkeys(p for stage in STAGE_SCRIPTS for p in launch_problems(params, stage)))
+
+
 def cuda_gpus() -> int:
     """CUDA devices this process sees (0 without a GPU or without a CUDA build of torch)."""
     import torch

@@ -109,6 +109,18 @@ def sample_set(params: dict, pipe, prompts: list[str], out_dir: Path, progress: 
             **{f"sec_per_image_{a.replace(':', 'x')}": sum(v) / len(v) for a, v in seconds_by_aspect.items()}}
 
 
+def sample_with(params: dict, overrides: dict | None, source: str = "params.yaml") -> dict:
+    """``params``' sample section with a command's ``overrides`` (``SAMPLE_OVERRIDES``; None keeps the value),
+    validated as a whole: the schema's cross-key rules hold for the combination (a ``ParamsError`` names ``source``)."""
+    from ultraflux.config import validated_section
+
+    bad = set(overrides or {}) - set(SAMPLE_OVERRIDES)
+    if bad:
+        raise ValueError(f"cannot override sample.{', sample.'.join(sorted(bad))} here")
+    merged = {**params["sample"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return validated_section({"sample": merged}, "sample", source)
+
+
 def generate_file(params: dict, transformer_dir: str | Path, vae_dir: str | Path, prompt: str, out: str | Path,
                   width: int, height: int, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                   overrides: dict | None = None, progress: bool = True) -> dict:
@@ -118,10 +130,7 @@ def generate_file(params: dict, transformer_dir: str | Path, vae_dir: str | Path
     """
     from ultraflux.pipelines import load_pipeline
 
-    bad = set(overrides or {}) - set(SAMPLE_OVERRIDES)
-    if bad:
-        raise ValueError(f"cannot override sample.{', sample.'.join(sorted(bad))} here")
-    sample_cfg = {**params["sample"], **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    sample_cfg = sample_with(params, overrides)
     pipe = load_pipeline({**params, "sample": sample_cfg}, transformer_dir, vae_dir)
     img = generate(pipe, prompt, width, height, steps or sample_cfg["num_inference_steps"],
                    sample_cfg["guidance_scale"] if guidance is None else guidance, seed, progress=progress)

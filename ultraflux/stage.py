@@ -120,7 +120,7 @@ def check_params_stage(params_path: str = "params.yaml", checks: Sequence[Callab
     quiet_third_party()
     try:
         params = load_validated(params_path)
-        if problems := list(dict.fromkeys(p for check in checks for p in check(params))):
+        if problems := [p for check in checks for p in check(params)]:
             raise ParamsError(problems, params_path)
     except ParamsError as e:
         print("[params] nothing was run and no output was removed; fix the file and run again", file=sys.stderr)

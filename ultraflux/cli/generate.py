@@ -106,8 +106,8 @@ def input_problems(args, params: dict) -> tuple[list[str], tuple[int, int] | Non
 def main(argv: list[str]) -> int:
     ap = parser()
     args = ap.parse_args(argv)
-    from ultraflux.config import ParamsError, load_validated, validated_section
-    from ultraflux.sampling import generate_file
+    from ultraflux.config import ParamsError, load_validated
+    from ultraflux.sampling import generate_file, sample_with
 
     try:
         params = load_validated(args.params, check_paths=False)
@@ -116,8 +116,7 @@ def main(argv: list[str]) -> int:
     overrides = {"vae_tiling": args.vae_tiling, "vae_decode": args.vae_decode, "offload": args.offload,
                  "memory": args.memory, "rope_from": args.rope_from}
     try:  # the flags replace sample.* keys: the schema's cross-key rules hold for the combination too
-        validated_section({"sample": {**params["sample"], **{k: v for k, v in overrides.items() if v is not None}}},
-                          "sample", f"{args.params} with the command's flags")
+        sample_with(params, overrides, f"{args.params} with the command's flags")
     except ParamsError as e:
         ap.error(str(e))
     problems, size = input_problems(args, params)

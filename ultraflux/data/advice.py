@@ -3,8 +3,8 @@ value that would have let ``k`` more images past that filter, computed from this
 
 Filters run in the order of :mod:`ultraflux.data.select`; an image let past one filter still meets the later ones,
 so each line says "up to"; the relative filters (the quality stand-in's and the aesthetic top fraction) keep only a
-share of what reaches them, which a last note line says. The values are read off the rejected rows' scores: relaxing a key to the value given
-keeps exactly the ``k`` best-scoring images that this filter removed.
+share of what reaches them, which a last note line says. The values are read off the rejected rows' scores: relaxing
+a key to the value given keeps exactly the ``k`` best-scoring images that this filter removed.
 """
 from __future__ import annotations
 

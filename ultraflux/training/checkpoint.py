@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ultraflux.io import DiskFullError, StageFailure, atomic_write_text, is_disk_full, naming_disk_full, sha256_json
+from ultraflux.io import StageFailure, atomic_write_text, naming_disk_full, sha256_json
 from ultraflux.tracking import flatten
 from ultraflux.training.loop import TrainState, decided_by_main
 
@@ -187,18 +187,12 @@ class Checkpointer:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        try:
+        remove_tmp = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if accelerator.is_main_process else None
+        with naming_disk_full(tmp, f"{self.label} checkpoint", cleanup=remove_tmp):   # nothing half-written stays
             accelerator.save_state(str(tmp))   # collective: every rank writes its part (ZeRO shards)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 self._publish(tmp, final)
-        except BaseException as e:
-            full = isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e, tmp)
-            if accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)   # nothing half-written stays behind
-            if full:  # named after the removal, so the free space it reports is what the next try will have
-                raise DiskFullError(tmp, f"{self.label} checkpoint") from e
-            raise
         accelerator.wait_for_everyone()
         return final
 
