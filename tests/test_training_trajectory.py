@@ -8,6 +8,8 @@ filesystems: small tmpfs mounts (skipped where mounting is not permitted, e.g. u
 import errno
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -205,9 +207,6 @@ def test_real_full_disk_at_a_checkpoint(tmp_path, tmpfs):
         saved(ck, accelerator, state, 2)
     assert [p.name for p in ck.checkpoints()] == ["step-00000001"] and not list(ck.dir.glob("*.tmp"))
     # the free space it reports is the space after the half-written checkpoint was removed (not 0 bytes)
-    import re
-    import shutil
-
     free = int(re.search(r"\(([\d,]+) bytes free\)", str(failure.value)).group(1).replace(",", ""))
     assert free == shutil.disk_usage(ck.dir).free > 0
 
