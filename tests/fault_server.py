@@ -23,7 +23,10 @@ Paths (``<name>`` is any word; the same name always gives the same image):
 
 Every request waits ``latency_s`` first (the benchmark's injected latency) and is logged (``requests``: paths in
 arrival order; ``count(path)``). ``hold("/img/", after=4)`` makes every later request under that prefix wait until
-``release()`` (``held`` counts the waiting ones): a test can kill a client while it is surely mid-download. Run in a thread (:class:`FaultServer`) or as a process:
+``release()`` (``held`` counts the waiting ones), then closes it: a test can kill a client while it is surely
+mid-download. A held request gets its status line at once and then one header byte every 0.2 s, so no read timeout
+ends it, whatever the load: the client stays stuck until it is killed. Run in a thread (:class:`FaultServer`) or as a
+process:
 ``python tests/fault_server.py --latency 0.05`` prints ``port <n>`` and serves until killed.
 """
 from __future__ import annotations
@@ -79,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
             held = bool(prefix) and path.startswith(prefix) and sum(p.startswith(prefix) for p in state["requests"]) > after
             state["held"] += held
         if held:
-            gate.wait()
+            return self._hold(gate)
         if state["latency_s"]:
             time.sleep(state["latency_s"])
         kind, _, name = path.strip("/").partition("/")
@@ -134,6 +137,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.server.blob(int(size)))
         else:
             self._send(404, b"unknown path", "text/plain")
+
+    def _hold(self, gate: threading.Event) -> None:
+        """Keep the client waiting without tripping its read timeout until ``gate`` opens, then close."""
+        self.close_connection = True
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Held: ")
+            while not gate.wait(0.2):
+                self.wfile.write(b".")
+        except (BrokenPipeError, ConnectionResetError):  # the client was killed: expected
+            pass
 
     def _write_quietly(self, body: bytes) -> None:
         try:
