@@ -150,7 +150,7 @@ def test_train_vae_sigkill_then_rerun_gives_identical_weights(base, curated, tmp
         return [sys.executable, str(WORKER), str(path)]
 
     ref = subprocess.Popen(job("ref"), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim = subprocess.Popen(job("victim", sleep=0.5), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    victim = subprocess.Popen(job("victim", sleep=1.0), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     ckpt = tmp_path / "victim" / "ckpt"
     deadline = time.time() + 240
