@@ -12,20 +12,20 @@ aesthetic (ArtiMuse) scores, flatness and entropy, and for most records the phot
 * Robust reading: a JSON file that does not parse, holds no list, or a record that is not an object or has no
   usable URL is a :class:`Problem` (file, index, reason), recorded by the caller, never fatal. Reading the tarball
   streams its members (``r|*``) and refuses absolute names, ``..`` members, links and special files (recorded).
-* Memory: one JSON file at a time (the release ships many files), and :func:`select_subset` keeps at most
-  ``max_records`` records per aspect group: memory does not grow with the number of records.
+* Memory: JSON is parsed as a stream (``ijson``): one record in memory at a time, however large a file is, and
+  :func:`select_subset` keeps at most ``max_records`` records per aspect group: memory does not grow with the
+  number of records.
 * ``data.metadata.max_records``: the records whose ``sha256(url)`` is smallest (the same subset on every machine,
   whatever the file order); ``balance_aspects`` takes them round-robin over aspect groups when records give sizes.
 """
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ultraflux.io import sha256_text
 
@@ -97,7 +97,7 @@ def member_problem(info: tarfile.TarInfo) -> str:
     return ""
 
 
-def _tar_documents(path: Path, problem: Callable[[Problem], None]) -> Iterator[tuple[str, bytes]]:
+def _tar_documents(path: Path, problem: Callable[[Problem], None]) -> Iterator[tuple[str, BinaryIO]]:
     try:
         with tarfile.open(path, mode="r|*") as tar:  # streaming: members in file order, nothing extracted
             for info in tar:
@@ -105,50 +105,79 @@ def _tar_documents(path: Path, problem: Callable[[Problem], None]) -> Iterator[t
                 if reason:
                     problem(Problem(info.name, -1, reason))
                 elif info.isfile() and info.name.lower().endswith(".json"):
-                    yield info.name, tar.extractfile(info).read()
+                    yield info.name, tar.extractfile(info)   # read by the caller before the next member
     except (tarfile.TarError, OSError, EOFError) as err:
         problem(Problem(str(path), -1, f"unreadable_archive: {type(err).__name__}: {err}"))
 
 
-def _folder_documents(root: Path, problem: Callable[[Problem], None]) -> Iterator[tuple[str, bytes]]:
+def _folder_documents(root: Path, problem: Callable[[Problem], None]) -> Iterator[tuple[str, BinaryIO]]:
     for path in sorted(root.rglob("*.json")):
         rel = path.relative_to(root).as_posix()
         if path.is_symlink() or not path.is_file():
             problem(Problem(rel, -1, "unsafe_member: link or special file"))
             continue
         try:
-            yield rel, path.read_bytes()
+            with path.open("rb") as stream:
+                yield rel, stream
         except OSError as err:
             problem(Problem(rel, -1, f"unreadable_file: {err.strerror or err}"))
 
 
-def documents(source: str | Path, problem: Callable[[Problem], None]) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every JSON file of the release, in a stable order (tar order / sorted paths)."""
+def documents(source: str | Path, problem: Callable[[Problem], None]) -> Iterator[tuple[str, BinaryIO]]:
+    """(name, binary stream) of every JSON file of the release, in a stable order (tar order / sorted paths); each
+    stream must be read before the next is asked for."""
     path = Path(source)
     return _tar_documents(path, problem) if path.is_file() else _folder_documents(path, problem)
 
 
-def parse_document(name: str, raw: bytes, problem: Callable[[Problem], None]) -> list:
-    """The list of records in one JSON file ([] and a problem when it has none)."""
+RECORD_LISTS = ("", "data", "items")  # where the records are: the top-level list, or an object's data / items
+
+
+def parse_document(name: str, stream: BinaryIO, problem: Callable[[Problem], None]) -> Iterator:
+    """The records of one JSON file, streamed (``ijson``: one record in memory at a time, whatever the file's size).
+    A file that breaks off mid-way keeps the records before the break and records the break; a file with no list of
+    records is a problem too."""
+    import ijson
+
+    if hasattr(stream, "peek") and stream.peek(3)[:3] == b"\xef\xbb\xbf":   # a UTF-8 byte-order mark
+        stream.read(3)
+    lists: list[str] = []   # the prefix whose items are records, once its array opens
+    top, keys, builder = None, [], None
     try:
-        doc = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as err:
+        for prefix, event, value in ijson.parse(stream, use_float=True):
+            top = top or event
+            if builder is not None:                      # inside one record
+                builder.event(event, value)
+                if prefix == lists[0] + "item" and event in ("end_map", "end_array"):
+                    yield builder.value
+                    builder = None
+            elif lists and prefix == lists[0] + "item" and event not in ("end_array",):
+                if event in ("start_map", "start_array"):
+                    builder = ijson.ObjectBuilder()
+                    builder.event(event, value)
+                else:
+                    yield value                          # a scalar where a record should be: normalize() says so
+            elif event == "start_array" and prefix in RECORD_LISTS and not lists and (prefix == "") == (top == event):
+                lists.append(f"{prefix}." if prefix else "")
+            elif prefix == "" and event == "map_key" and len(keys) < 10:
+                keys.append(value)
+    except (ijson.JSONError, UnicodeDecodeError, ValueError) as err:
         problem(Problem(name, -1, f"malformed_json: {str(err)[:200]}"))
-        return []
-    if isinstance(doc, dict):
-        doc = next((doc[k] for k in ("data", "items") if isinstance(doc.get(k), list)), doc)
-    if not isinstance(doc, list):
-        keys = f" (keys {sorted(doc)[:10]})" if isinstance(doc, dict) else ""
-        problem(Problem(name, -1, f"no_records: top level is {type(doc).__name__}{keys}, not a list or "
-                                  "an object with 'data' / 'items'"))
-        return []
-    return doc
+        return
+    except (OSError, EOFError, tarfile.TarError) as err:
+        problem(Problem(name, -1, f"unreadable_file: {type(err).__name__}: {err}"))
+        return
+    if not lists:
+        kind = {"start_map": "dict", "start_array": "list", None: "empty"}.get(top, top)
+        listed = f" (keys {sorted(keys)})" if keys else ""
+        problem(Problem(name, -1, f"no_records: top level is {kind}{listed}, not a list or an object with "
+                                  "'data' / 'items'"))
 
 
 def raw_records(source: str | Path, problem: Callable[[Problem], None]) -> Iterator[tuple[str, int, object]]:
     """(file, index, record) of every record, non-objects included (they are checked by :func:`normalize`)."""
-    for name, raw in documents(source, problem):
-        for index, record in enumerate(parse_document(name, raw, problem)):
+    for name, stream in documents(source, problem):
+        for index, record in enumerate(parse_document(name, stream, problem)):
             yield name, index, record
 
 
