@@ -63,7 +63,8 @@ def records(photos: Path, cdn: str, faults: FaultServer) -> list[dict]:
     for i, name in enumerate(PHOTOS):
         flat, entropy = tool_values(photos / name)
         out.append({"image_url": f"{cdn}/{name}", "en_caption": f"A photograph: {Path(name).stem}.",
-                    "zh_caption": "一张照片", "tag": "photo", "qalign_score": 3.2 if name == LOW_QUALITY else 4.2 + i / 20,
+                    "zh_caption": "一张照片", "tag": "photo",
+                    "qalign_score": 3.2 if name == LOW_QUALITY else 4.2 + i / 20,
                     "aesthetics_score": 40.0 + 3 * i, "flat_percentage": flat,
                     "shannon_entropy": entropy + (1.0 if name == FALSIFIED else 0.0),
                     "work_url": f"https://example.org/photo/{i}", "photographer": f"Photographer {i}",

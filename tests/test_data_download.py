@@ -77,7 +77,8 @@ def test_a_file_that_breaks_off_keeps_its_earlier_records_and_says_where(tmp_pat
     good = [record(f"http://example.org/{i}.jpg", i) for i in range(3)]
     text = json.dumps(good)
     (tmp_path / "m" / "cut.json").write_text(text[:-1] + ', {"image_url": "http://example.org/x.jpg", "en_')
-    (tmp_path / "m" / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"items": [record("http://b/1.jpg")]}).encode())
+    bom = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark
+    (tmp_path / "m" / "bom.json").write_bytes(bom + json.dumps({"items": [record("http://b/1.jpg")]}).encode())
     (tmp_path / "m" / "scalar.json").write_text("42")
     (tmp_path / "m" / "object.json").write_text(json.dumps({"meta": {"n": 1}, "rows": [record("http://c/1.jpg")]}))
     _, records, problems = collect(tmp_path / "m")

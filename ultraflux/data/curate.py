@@ -323,7 +323,7 @@ def _write_split(rows: pd.DataFrame, split: str, out_dir: Path, cfg: dict, progr
     try:
         with writer:
             for row in tqdm(part.itertuples(), total=len(part), desc=f"shards ({split})", disable=not progress):
-                image = process.cache_file(render_dir(cfg, row.eval), row.id, ext).read_bytes()
+                image = process.read_bytes(process.cache_file(render_dir(cfg, row.eval), row.id, ext))
                 locations.append(writer.write(row.id, {ext: image, "txt": row.caption.encode(),
                                                        "json": _sample_meta(row)}))
     except OSError as err:

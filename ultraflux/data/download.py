@@ -26,6 +26,7 @@ Outputs are a function of the metadata and the server's responses; a re-run over
 from __future__ import annotations
 
 import json
+import os
 import time
 from array import array
 from collections import Counter
@@ -53,8 +54,14 @@ def download_config(params: dict) -> dict:
     return dict(params["download"])
 
 
-def _cache_file(cache: Path, key: str, suffix: str) -> Path:
-    return cache / key[:2] / f"{key}.{suffix}"
+def _cache_file(cache: Path, key: str, suffix: str) -> str:
+    """A per-URL cache file, as a plain string: ``pathlib`` would intern its name forever (memory per URL)."""
+    return os.path.join(cache, key[:2], f"{key}.{suffix}")
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 # --------------------------------------------------------------------------------------------------- 1. spool
@@ -66,7 +73,7 @@ def spool(records: Iterable[dict], cache: Path) -> tuple[np.ndarray, int]:
         keys.append(int(record["key"], 16))
         payload = json.dumps({k: v for k, v in record.items() if k != "group"}, sort_keys=True).encode()
         path = _cache_file(cache, record["key"], "meta.json")
-        if not path.is_file() or path.read_bytes() != payload:
+        if not os.path.isfile(path) or _read(path) != payload:
             atomic_write_bytes(path, payload)
     unique = np.unique(np.frombuffer(keys, dtype=np.uint64)) if keys else np.zeros(0, np.uint64)
     return unique, len(keys) - len(unique)
@@ -90,7 +97,7 @@ def _store(cache: Path, key: str, url: str, fetched) -> dict:
 
 
 def _fetch_one(fetcher: Fetcher, cache: Path, key: str) -> dict:
-    url = json.loads(_cache_file(cache, key, "meta.json").read_bytes())["url"]
+    url = json.loads(_read(_cache_file(cache, key, "meta.json")))["url"]
     return _store(cache, key, url, fetcher.fetch(url))
 
 
@@ -119,7 +126,7 @@ def missing_keys(keys: np.ndarray, cache: Path, retry_transient: bool = False) -
     """Keys without a result (8 bytes each); with ``retry_transient`` also those whose last result was transient."""
     def needed(key: str) -> bool:
         path = _cache_file(cache, key, "res.json")
-        return not path.is_file() or (retry_transient and json.loads(path.read_bytes())["status"] in TRANSIENT)
+        return not os.path.isfile(path) or (retry_transient and json.loads(_read(path))["status"] in TRANSIENT)
 
     return keys[np.fromiter((needed(k) for k in key_strings(keys)), bool, len(keys))]
 
@@ -203,11 +210,11 @@ def write_outputs(keys: np.ndarray, cache: Path, out_dir: Path, cfg: dict, mappi
     table = TableWriter(out_dir / "status.parquet")
     with ShardWriter(out_dir / "shards", "download", out_dir, max_bytes=int(cfg["shard_max_mb"]) << 20) as writer:
         for key in tqdm(key_strings(keys), total=len(keys), desc="shards", unit="url", disable=not progress):
-            meta = json.loads(_cache_file(cache, key, "meta.json").read_bytes())
-            result = json.loads(_cache_file(cache, key, "res.json").read_bytes())
+            meta = json.loads(_read(_cache_file(cache, key, "meta.json")))
+            result = json.loads(_read(_cache_file(cache, key, "res.json")))
             row = {c: result.get(c, "") for c in STATUS_COLUMNS} | {"shard": "", "offset": 0, "file": meta["file"]}
             if result["status"] == "ok":
-                data = _cache_file(cache, key, "img").read_bytes()
+                data = _read(_cache_file(cache, key, "img"))
                 location = writer.write(key, {result["ext"]: data, "txt": meta["caption"].encode(),
                                               "json": sample_json(meta, result, mapping)})
                 row.update({"shard": location.shard, "offset": location.offset})

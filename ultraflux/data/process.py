@@ -75,8 +75,14 @@ def render_fingerprint(cfg: dict) -> str:
     return _hash(material)
 
 
-def cache_file(directory: str | Path, image_id: str, ext: str) -> Path:
-    return Path(directory) / image_id[:2] / f"{image_id}.{ext}"
+def cache_file(directory: str | Path, image_id: str, ext: str) -> str:
+    """A per-image cache file, as a plain string: ``pathlib`` would intern its name forever (memory per image)."""
+    return os.path.join(directory, image_id[:2], f"{image_id}.{ext}")
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def sweep_temporary(directory: str | Path) -> int:
@@ -95,8 +101,8 @@ def sweep_temporary(directory: str | Path) -> int:
 
 
 def read_source(path: str) -> tuple[bytes | None, str, str]:
-    """(bytes or None, id, error) for one source path; errors are stable strings (no address, no path)."""
-    p = Path(path)
+    """(bytes or None, id, error) for one source path; errors are stable strings (no address, no path). Plain
+    ``os`` calls on the string (see :func:`cache_file`)."""
     if is_member_path(path):  # an image inside a WebDataset tar (data/released.py)
         try:
             data = read_source_bytes(path)
@@ -104,13 +110,13 @@ def read_source(path: str) -> tuple[bytes | None, str, str]:
             return None, sha256_text(f"missing:{path}")[:16], f"unreadable: {err.strerror or err}"
         return data, sha256_bytes(data)[:16], ""
     try:
-        mode = os.stat(p).st_mode
+        mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):  # a FIFO would block the worker; folders, sockets, devices: no image
             detail = "is a directory" if stat.S_ISDIR(mode) else "not a regular file"
             return None, sha256_text(f"missing:{path}")[:16], f"unreadable: {detail}"
-        data = p.read_bytes()
+        data = read_bytes(path)
     except OSError as err:
-        if p.is_symlink() and not p.exists():
+        if os.path.islink(path) and not os.path.exists(path):
             detail = "dangling symlink"
         elif isinstance(err, FileNotFoundError):
             detail = "file not found"
@@ -206,9 +212,9 @@ def scan_one(task: dict) -> dict:
         return out | {"cache_hit": False}
     path = cache_file(cfg["scan_dir"], image_id, "json")
     rec, rgb, hit = None, None, False
-    if path.is_file():
+    if os.path.isfile(path):
         try:
-            rec, hit = json.loads(path.read_text()), True
+            rec, hit = json.loads(read_bytes(path)), True
         except (OSError, ValueError):  # a damaged record is recomputed
             rec = None
     try:
@@ -314,7 +320,7 @@ def render_one(task: dict) -> dict:
     """Pass 2 for one kept row (cached): ``task`` = path, id, box, size, cfg."""
     cfg = task["cfg"]
     path = cache_file(cfg["render_dir"], task["id"], "jpg" if cfg["image_format"] == "jpeg" else "png")
-    if path.is_file():
+    if os.path.isfile(path):
         return {"id": task["id"], "error": "", "cache_hit": True}
     data, image_id, error = read_source(task["path"])
     if data is None or image_id != task["id"]:
