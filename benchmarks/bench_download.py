@@ -115,9 +115,10 @@ def rss_child(base: str, count: int) -> None:
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         tmp = Path(tmp)
         params = stage_params(metadata_folder(tmp / "meta", urls), tmp / "cache", 16)
+        before = psutil.Process().memory_info().rss
         _, seconds, growth = peak_rss_growth(lambda: run_download(params, tmp / "out", progress=False))
-    print(json.dumps({"count": count, "seconds": seconds, "growth": growth,
-                      "peak": psutil.Process().memory_info().rss}))
+    print(json.dumps({"count": count, "seconds": seconds, "growth": growth, "peak": before + growth,
+                      "end": psutil.Process().memory_info().rss}))
 
 
 def rss(base: str, count: int) -> dict:
@@ -162,8 +163,9 @@ def main() -> None:
         ips, bps = statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
         print(f"{name:42s} {ips:9.1f} {bps / 1e6:8.1f} {ips / baseline:13.2f}")
     print(f"peak RSS run_download: {small['count']} URLs {small['peak'] / 2**20:.0f} MiB (growth "
-          f"{small['growth'] / 2**20:.1f} MiB), {large['count']} URLs {large['peak'] / 2**20:.0f} MiB (growth "
-          f"{large['growth'] / 2**20:.1f} MiB): ratio {large['peak'] / small['peak']:.3f}x")
+          f"{small['growth'] / 2**20:.1f} MiB, {small['end'] / 2**20:.0f} MiB at the end), {large['count']} URLs "
+          f"{large['peak'] / 2**20:.0f} MiB (growth {large['growth'] / 2**20:.1f} MiB, {large['end'] / 2**20:.0f} MiB "
+          f"at the end): ratio {large['peak'] / small['peak']:.3f}x")
     print("load:", os.popen("uptime").read().strip())
 
 
