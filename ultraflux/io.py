@@ -2,9 +2,9 @@
 
 Writes: :func:`atomic_path` (yield a temporary path beside the target, rename it over the target on success: for
 writers that need a path, files or directories) and :func:`atomic_write_bytes` / :func:`atomic_write_text` /
-:func:`write_json` (the same scheme in plain strings, flushed and fsynced before the rename). Every temporary
-lives in its own ``mkdtemp`` folder beside the target, so concurrent writers (threads or processes) never share a
-temporary name.
+:func:`write_json` built on the same mechanism (flushed and fsynced before the rename). Every temporary lives in
+its own ``mkdtemp`` folder beside the target, so concurrent writers (threads or processes) never share a temporary
+name. :func:`read_bytes` and :func:`key_file`: per-item reads and cache names in plain strings.
 
 Hashes: sha256 hex digests of bytes, text (UTF-8), a file (streamed) and a JSON-able object (sorted keys).
 
@@ -27,40 +27,49 @@ from typing import Any, Callable, Iterator
 
 # ----------------------------------------------------------------------------------------------------------- writes
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path`` (file or directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / (path.name + suffix)
-    try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably: a fresh temporary beside it, fsync, rename.
-
-    Plain ``os.path`` strings, no ``pathlib``: ``pathlib`` interns every path part it parses (``sys.intern``, never
-    freed), so a writer called once per image or URL would grow the process by ~0.5 KB per item (measured: 780 B per
-    URL in the download stage before this)."""
-    path = os.fspath(path)
-    parent, name = os.path.split(path)
+def _temporary_beside(path: str, suffix: str = "") -> Iterator[str]:
+    """The one mechanism of the atomic writers, in plain ``os.path`` strings: ``pathlib`` interns every path part it
+    parses (``sys.intern``, never freed), so a writer called once per image or URL would grow the process by
+    ~0.5 KB per item (measured: 780 B per URL in the download stage)."""
+    parent, name = os.path.split(path.rstrip(os.sep) or os.sep)
     parent = parent or "."
     os.makedirs(parent, exist_ok=True)
     folder = tempfile.mkdtemp(prefix=f".{name}.", dir=parent)
     try:
-        tmp = os.path.join(folder, name)
+        tmp = os.path.join(folder, name + suffix)
+        yield tmp
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path`` (file or directory)."""
+    with _temporary_beside(os.fspath(path), suffix) as tmp:
+        yield Path(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably: a fresh temporary beside it, fsync, rename."""
+    with _temporary_beside(os.fspath(path)) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a file (no ``pathlib`` object: see :func:`_temporary_beside`)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def key_file(directory: str | os.PathLike, key: str, ext: str) -> str:
+    """``directory/<key[:2]>/<key>.<ext>``, a per-item cache file (download, curation) as a plain string."""
+    return os.path.join(directory, key[:2], f"{key}.{ext}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

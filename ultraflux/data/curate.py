@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from ultraflux.config import typed
-from ultraflux.io import DiskFullError, atomic_path, naming_disk_full, write_json
+from ultraflux.io import DiskFullError, atomic_path, key_file, naming_disk_full, read_bytes, write_json
 from ultraflux.schema import Curate, Params
 
 from . import metadata, process, released, scorers, synthetic
@@ -323,7 +323,7 @@ def _write_split(rows: pd.DataFrame, split: str, out_dir: Path, cfg: dict, progr
     try:
         with writer:
             for row in tqdm(part.itertuples(), total=len(part), desc=f"shards ({split})", disable=not progress):
-                image = process.read_bytes(process.cache_file(render_dir(cfg, row.eval), row.id, ext))
+                image = read_bytes(key_file(render_dir(cfg, row.eval), row.id, ext))
                 locations.append(writer.write(row.id, {ext: image, "txt": row.caption.encode(),
                                                        "json": _sample_meta(row)}))
     except OSError as err:

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ultraflux.io import atomic_path, atomic_write_bytes, sha256_bytes
+from ultraflux.io import atomic_path, atomic_write_bytes, key_file, read_bytes, sha256_bytes
 
 from . import metadata
 from .fetch import TRANSIENT, Fetcher
@@ -54,16 +54,6 @@ def download_config(params: dict) -> dict:
     return dict(params["download"])
 
 
-def _cache_file(cache: Path, key: str, suffix: str) -> str:
-    """A per-URL cache file, as a plain string: ``pathlib`` would intern its name forever (memory per URL)."""
-    return os.path.join(cache, key[:2], f"{key}.{suffix}")
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 # --------------------------------------------------------------------------------------------------- 1. spool
 def spool(records: Iterable[dict], cache: Path) -> tuple[np.ndarray, int]:
     """Write each record's canonical JSON to the cache (when it changed); return the sorted unique keys and how many
@@ -72,8 +62,8 @@ def spool(records: Iterable[dict], cache: Path) -> tuple[np.ndarray, int]:
     for record in records:
         keys.append(int(record["key"], 16))
         payload = json.dumps({k: v for k, v in record.items() if k != "group"}, sort_keys=True).encode()
-        path = _cache_file(cache, record["key"], "meta.json")
-        if not os.path.isfile(path) or _read(path) != payload:
+        path = key_file(cache, record["key"], "meta.json")
+        if not os.path.isfile(path) or read_bytes(path) != payload:
             atomic_write_bytes(path, payload)
     unique = np.unique(np.frombuffer(keys, dtype=np.uint64)) if keys else np.zeros(0, np.uint64)
     return unique, len(keys) - len(unique)
@@ -91,13 +81,13 @@ def _store(cache: Path, key: str, url: str, fetched) -> dict:
               "content_type": fetched.content_type, "nbytes": len(fetched.data), "ext": fetched.ext,
               "sha256": sha256_bytes(fetched.data) if fetched.data else ""}
     if fetched.status == "ok":
-        atomic_write_bytes(_cache_file(cache, key, "img"), fetched.data)
-    atomic_write_bytes(_cache_file(cache, key, "res.json"), json.dumps(result, sort_keys=True).encode())
+        atomic_write_bytes(key_file(cache, key, "img"), fetched.data)
+    atomic_write_bytes(key_file(cache, key, "res.json"), json.dumps(result, sort_keys=True).encode())
     return result
 
 
 def _fetch_one(fetcher: Fetcher, cache: Path, key: str) -> dict:
-    url = json.loads(_read(_cache_file(cache, key, "meta.json")))["url"]
+    url = json.loads(read_bytes(key_file(cache, key, "meta.json")))["url"]
     return _store(cache, key, url, fetcher.fetch(url))
 
 
@@ -125,8 +115,8 @@ def fetch_all(todo: np.ndarray, cache: Path, cfg: dict, progress: bool) -> Count
 def missing_keys(keys: np.ndarray, cache: Path, retry_transient: bool = False) -> np.ndarray:
     """Keys without a result (8 bytes each); with ``retry_transient`` also those whose last result was transient."""
     def needed(key: str) -> bool:
-        path = _cache_file(cache, key, "res.json")
-        return not os.path.isfile(path) or (retry_transient and json.loads(_read(path))["status"] in TRANSIENT)
+        path = key_file(cache, key, "res.json")
+        return not os.path.isfile(path) or (retry_transient and json.loads(read_bytes(path))["status"] in TRANSIENT)
 
     return keys[np.fromiter((needed(k) for k in key_strings(keys)), bool, len(keys))]
 
@@ -210,11 +200,11 @@ def write_outputs(keys: np.ndarray, cache: Path, out_dir: Path, cfg: dict, mappi
     table = TableWriter(out_dir / "status.parquet")
     with ShardWriter(out_dir / "shards", "download", out_dir, max_bytes=int(cfg["shard_max_mb"]) << 20) as writer:
         for key in tqdm(key_strings(keys), total=len(keys), desc="shards", unit="url", disable=not progress):
-            meta = json.loads(_read(_cache_file(cache, key, "meta.json")))
-            result = json.loads(_read(_cache_file(cache, key, "res.json")))
+            meta = json.loads(read_bytes(key_file(cache, key, "meta.json")))
+            result = json.loads(read_bytes(key_file(cache, key, "res.json")))
             row = {c: result.get(c, "") for c in STATUS_COLUMNS} | {"shard": "", "offset": 0, "file": meta["file"]}
             if result["status"] == "ok":
-                data = _read(_cache_file(cache, key, "img"))
+                data = read_bytes(key_file(cache, key, "img"))
                 location = writer.write(key, {result["ext"]: data, "txt": meta["caption"].encode(),
                                               "json": sample_json(meta, result, mapping)})
                 row.update({"shard": location.shard, "offset": location.offset})

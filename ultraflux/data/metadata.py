@@ -141,24 +141,24 @@ def parse_document(name: str, stream: BinaryIO, problem: Callable[[Problem], Non
 
     if hasattr(stream, "peek") and stream.peek(3)[:3] == b"\xef\xbb\xbf":   # a UTF-8 byte-order mark
         stream.read(3)
-    lists: list[str] = []   # the prefix whose items are records, once its array opens
+    item = None   # the prefix of the records ("item", "data.item", "items.item"), once their list opens
     top, keys, builder = None, [], None
     try:
         for prefix, event, value in ijson.parse(stream, use_float=True):
             top = top or event
             if builder is not None:                      # inside one record
                 builder.event(event, value)
-                if prefix == lists[0] + "item" and event in ("end_map", "end_array"):
+                if prefix == item and event in ("end_map", "end_array"):
                     yield builder.value
                     builder = None
-            elif lists and prefix == lists[0] + "item" and event not in ("end_array",):
+            elif prefix == item:
                 if event in ("start_map", "start_array"):
                     builder = ijson.ObjectBuilder()
                     builder.event(event, value)
                 else:
                     yield value                          # a scalar where a record should be: normalize() says so
-            elif event == "start_array" and prefix in RECORD_LISTS and not lists and (prefix == "") == (top == event):
-                lists.append(f"{prefix}." if prefix else "")
+            elif item is None and event == "start_array" and prefix in RECORD_LISTS:
+                item = f"{prefix}.item" if prefix else "item"
             elif prefix == "" and event == "map_key" and len(keys) < 10:
                 keys.append(value)
     except (ijson.JSONError, UnicodeDecodeError, ValueError) as err:
@@ -167,7 +167,7 @@ def parse_document(name: str, stream: BinaryIO, problem: Callable[[Problem], Non
     except (OSError, EOFError, tarfile.TarError) as err:
         problem(Problem(name, -1, f"unreadable_file: {type(err).__name__}: {err}"))
         return
-    if not lists:
+    if item is None:
         kind = {"start_map": "dict", "start_array": "list", None: "empty"}.get(top, top)
         listed = f" (keys {sorted(keys)})" if keys else ""
         problem(Problem(name, -1, f"no_records: top level is {kind}{listed}, not a list or an object with "

@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ultraflux.io import atomic_write_bytes, sha256_bytes, sha256_json, sha256_text
+from ultraflux.io import atomic_write_bytes, key_file, read_bytes, sha256_bytes, sha256_json, sha256_text
 
 from . import scorers
 from .buckets import bucket_table
@@ -75,16 +75,6 @@ def render_fingerprint(cfg: dict) -> str:
     return _hash(material)
 
 
-def cache_file(directory: str | Path, image_id: str, ext: str) -> str:
-    """A per-image cache file, as a plain string: ``pathlib`` would intern its name forever (memory per image)."""
-    return os.path.join(directory, image_id[:2], f"{image_id}.{ext}")
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def sweep_temporary(directory: str | Path) -> int:
     """Remove the temporary entries (names starting with '.', other than the cache entry's own bookkeeping,
     :data:`ultraflux.data.cache_entries.RESERVED`) that killed workers left; returns how many."""
@@ -102,7 +92,7 @@ def sweep_temporary(directory: str | Path) -> int:
 
 def read_source(path: str) -> tuple[bytes | None, str, str]:
     """(bytes or None, id, error) for one source path; errors are stable strings (no address, no path). Plain
-    ``os`` calls on the string (see :func:`cache_file`)."""
+    ``os`` calls on the string (see :func:`ultraflux.io.read_bytes`)."""
     if is_member_path(path):  # an image inside a WebDataset tar (data/released.py)
         try:
             data = read_source_bytes(path)
@@ -210,7 +200,7 @@ def scan_one(task: dict) -> dict:
     if data is None:
         out = summarize_record({"id": image_id, "error": error}, cfg)
         return out | {"cache_hit": False}
-    path = cache_file(cfg["scan_dir"], image_id, "json")
+    path = key_file(cfg["scan_dir"], image_id, "json")
     rec, rgb, hit = None, None, False
     if os.path.isfile(path):
         try:
@@ -319,7 +309,7 @@ def render(data: bytes, header: Header, box: tuple, size: tuple[int, int], image
 def render_one(task: dict) -> dict:
     """Pass 2 for one kept row (cached): ``task`` = path, id, box, size, cfg."""
     cfg = task["cfg"]
-    path = cache_file(cfg["render_dir"], task["id"], "jpg" if cfg["image_format"] == "jpeg" else "png")
+    path = key_file(cfg["render_dir"], task["id"], "jpg" if cfg["image_format"] == "jpeg" else "png")
     if os.path.isfile(path):
         return {"id": task["id"], "error": "", "cache_hit": True}
     data, image_id, error = read_source(task["path"])
