@@ -138,12 +138,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"unknown path", "text/plain")
 
-    def _hold(self, gate: threading.Event) -> None:
-        """Keep the client waiting without tripping its read timeout until ``gate`` opens, then close."""
+    def _hold(self, gate: threading.Event, most_s: float = 300.0) -> None:
+        """Keep the client waiting without tripping its read timeout until ``gate`` opens (or ``most_s`` passed: a
+        client the test failed to kill does not wait forever), then close."""
         self.close_connection = True
+        deadline = time.monotonic() + most_s
         try:
             self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Held: ")
-            while not gate.wait(0.2):
+            while not gate.wait(0.2) and time.monotonic() < deadline:
                 self.wfile.write(b".")
         except (BrokenPipeError, ConnectionResetError):  # the client was killed: expected
             pass

@@ -37,8 +37,12 @@ def write_params(repo, source, cache):
 
 
 def stage_process(proc):
+    """The stage's own ``python stages/download.py``. DVC runs a command through ``$SHELL -c``; a shell that does not
+    exec its last command (dash, ``/bin/sh`` on Debian) stays between dvc and the stage with the same command line.
+    Killing that shell would orphan the stage, which goes on downloading and holds dvc's output open."""
     kids = psutil.Process(proc.pid).children(recursive=True)
-    return next((c for c in kids if "stages/download.py" in " ".join(c.cmdline())), None)
+    stage = [c for c in kids if "stages/download.py" in " ".join(c.cmdline())]
+    return next((c for c in stage if not any(k in stage for k in c.children())), None)
 
 
 @pytest.mark.slow
@@ -47,6 +51,7 @@ def test_dvc_repro_download_kill_resume_and_curate_on_released_scores(tmp_path):
     repo.mkdir()
     copy_project(repo)
     env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "MLFLOW_TRACKING_URI")}
+    env["SHELL"] = "/bin/sh"  # a shell between dvc and the stage, as where $SHELL is unset (see stage_process)
     cache = tmp_path / "download-cache"
     with FaultServer(latency_s=0.25, slow_s=2.0, big_bytes=2 << 20) as server:
         urls = [server.url(p) for p in OK + list(FAULTS)]
@@ -66,7 +71,7 @@ def test_dvc_repro_download_kill_resume_and_curate_on_released_scores(tmp_path):
         stage = stage_process(proc)
         assert stage is not None, "the download stage is not running"
         stage.send_signal(signal.SIGKILL)  # kill -9 mid-download
-        out = proc.communicate()[0]
+        out = proc.communicate(timeout=120)[0]
         server.release()
         assert proc.returncode != 0, out[-2000:]
         done = {json.loads(p.with_name(p.name.replace(".res.json", ".meta.json")).read_text())["url"]
