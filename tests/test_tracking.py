@@ -1,4 +1,6 @@
 """MLflow store resolution and the parent/child run layout, against a real sqlite store."""
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -85,6 +87,30 @@ def test_runs_of_a_killed_process_are_marked_killed(store, params):
     status = {r.info.run_id: r.info.status for r in client.search_runs([exp.experiment_id])}
     assert all(status[r.info.run_id] == "KILLED" for r in stale)
     assert sorted(status.values()) == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the clock step is simulated through Linux's /proc")
+def test_a_clock_step_keeps_one_execution_and_its_live_runs(store, params, monkeypatch):
+    """The system clock steps 30 s between two stages of one execution (NTP, a VM's clock sync). psutil's
+    create_time() follows it; the execution key must not: one parent run, and the live run is not taken for killed."""
+    import psutil
+    import psutil._pslinux
+
+    with tracking.stage_run("curate", params):
+        pass
+    key = tracking.execution_key()
+    before = psutil.Process().create_time()
+    stepped = psutil._pslinux.boot_time() + 30
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: stepped)
+    assert psutil.Process().create_time() == pytest.approx(before + 30)   # the step reaches psutil
+    assert tracking.execution_key() == key and tracking._process_alive(key) is True
+    with tracking.stage_run("vae", params):
+        pass
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id])
+    assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1 and len(runs) == 3
+    assert {r.info.status for r in runs} == {"FINISHED"}
 
 
 def test_parallel_first_use_of_a_new_store(store, params):

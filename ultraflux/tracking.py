@@ -5,7 +5,7 @@ The store is ``sqlite:///<repo root>/mlflow.db`` with artifacts in ``<repo root>
 temporary copy), else the git top level, else the working directory. ``MLFLOW_TRACKING_URI`` overrides it.
 
 A *pipeline execution* is one ``dvc repro`` / ``dvc exp run`` process: stages run as child processes of it, so the
-key ``<host>:<dvc pid>:<dvc start time>`` (plus ``DVC_EXP_NAME``) identifies it. The first stage of an execution
+key ``<host>:<dvc pid>:<dvc start>`` (plus ``DVC_EXP_NAME``) identifies it. The first stage of an execution
 creates the parent run (tagged with it, the git commit and the experiment name); later stages attach to it.
 Outside DVC each stage gets a parent of its own.
 
@@ -100,6 +100,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _started(proc: psutil.Process) -> int:
+    """When ``proc`` started, as a number that never changes while it runs. psutil's ``create_time()`` is the boot
+    time plus the start offset, and the boot time follows every step of the system clock (NTP, a VM's clock sync):
+    one process, keyed twice, got two keys 30 s apart. On Linux the offset alone (clock ticks since boot, field 22
+    of ``/proc/<pid>/stat``) is stable; elsewhere the creation time."""
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except OSError:
+        return int(proc.create_time())
+
+
 def execution_key() -> str:
     """Identify the enclosing dvc process (see module docstring); falls back to this process."""
     proc = psutil.Process()
@@ -111,7 +123,7 @@ def execution_key() -> str:
         if any(Path(c).name == "dvc" for c in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
             proc = p
             break
-    key = f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
+    key = f"{socket.gethostname()}:{proc.pid}:{_started(proc)}"
     exp = os.environ.get("DVC_EXP_NAME")
     return f"{key}:{exp}" if exp else key
 
@@ -245,7 +257,7 @@ def _process_alive(key: str) -> bool | None:
     if host != socket.gethostname() or not pid.isdigit():
         return None
     try:
-        return int(psutil.Process(int(pid)).create_time()) == int(started)
+        return _started(psutil.Process(int(pid))) == int(started)
     except (psutil.NoSuchProcess, ValueError):
         return False
 
