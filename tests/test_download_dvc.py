@@ -64,8 +64,8 @@ def test_dvc_repro_download_kill_resume_and_curate_on_released_scores(tmp_path):
         server.hold("/img/", after=4)  # later images wait: the kill surely lands mid-download, whatever the load
         proc = subprocess.Popen(["dvc", "repro", "curate"], cwd=repo, env=env, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 240
-        while not (server.held and any(cache.rglob("*.res.json"))) and time.time() < deadline:
+        deadline = time.monotonic() + 240
+        while not (server.held and any(cache.rglob("*.res.json"))) and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             time.sleep(0.02)
         stage = stage_process(proc)

@@ -53,8 +53,8 @@ def test_sigkill_mid_training_then_rerun_gives_identical_weights(tiny_set):
     victim = subprocess.Popen([sys.executable, str(WORKER), str(victim_job)], env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = d / "victim" / "ckpt"
-    deadline = time.time() + 150
-    while not published(ckpt) and victim.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + 150
+    while not published(ckpt) and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert victim.poll() is None, f"run ended before it could be killed:\n{victim.stdout.read()[-3000:]}"
     assert published(ckpt), "no checkpoint appeared in time"

@@ -153,8 +153,8 @@ def test_train_vae_sigkill_then_rerun_gives_identical_weights(base, curated, tmp
     victim = subprocess.Popen(job("victim", sleep=1.0), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     ckpt = tmp_path / "victim" / "ckpt"
-    deadline = time.time() + 240
-    while not published(ckpt) and victim.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + 240
+    while not published(ckpt) and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert victim.poll() is None, f"run ended before it could be killed:\n{victim.stdout.read()[-3000:]}"
     victim.send_signal(signal.SIGKILL)

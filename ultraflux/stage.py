@@ -163,10 +163,10 @@ def run_stage(stage: str, fn: Callable[[dict, object], dict], params_path: str =
 def _run(stage: str, fn: Callable[[dict, object], dict], params: dict) -> dict:
     if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: only rank 0 tracks and writes results
         return fn(params, NullLogger()) or {}
-    t0 = time.time()
+    t0 = time.monotonic()
     with stage_run(stage, params, stage_params(params, stage)) as logger:
         result = fn(params, logger) or {}
-        timing = {"wall_time_s": round(time.time() - t0, 3), **result.pop(TIMING_KEY, {})}
+        timing = {"wall_time_s": round(time.monotonic() - t0, 3), **result.pop(TIMING_KEY, {})}
         flat = flatten(result)
         logger.log_metrics({k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         logger.set_tags({f"{stage}.{k}": v for k, v in flat.items() if isinstance(v, (str, bool))})

@@ -325,13 +325,13 @@ def _open_stage_run(uri: str, stage: str, params: dict, stage_params: dict | Non
     logger = StageLogger(client, child.info.run_id, parent_id)
     if stage_params:
         logger.log_params(stage_params)
-    t0 = time.time()
+    t0 = time.monotonic()
     try:
         yield logger
     except BaseException as e:
-        _close(client, child.info.run_id, parent_id, "FAILED", time.time() - t0, f"{type(e).__name__}: {e}")
+        _close(client, child.info.run_id, parent_id, "FAILED", time.monotonic() - t0, f"{type(e).__name__}: {e}")
         raise
-    _close(client, child.info.run_id, parent_id, "FINISHED", time.time() - t0)
+    _close(client, child.info.run_id, parent_id, "FINISHED", time.monotonic() - t0)
 
 
 def _close(client, run_id: str, parent_id: str, status: str, wall_s: float, error: str | None = None) -> None:

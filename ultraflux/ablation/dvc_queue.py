@@ -163,7 +163,7 @@ def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int
     """Poll ``dvc queue status`` until every task is Success/Failed or ``timeout`` seconds passed. Should every
     worker be gone while our tasks are still queued (a worker died, or another user's ``dvc queue stop``), new
     workers are started."""
-    t0, last, idle_polls, missing = time.time(), None, 0, dict.fromkeys(ids, 0)
+    t0, last, idle_polls, missing = time.monotonic(), None, 0, dict.fromkeys(ids, 0)
     while True:
         st, workers = read_queue_status(repo)
         states = {L: st.get(t, ("", "missing"))[1] for L, t in ids.items()}
@@ -174,11 +174,11 @@ def wait(repo: Path, ids: dict[str, str], timeout: float, poll: float, jobs: int
             start_workers(repo, jobs)
             idle_polls = 0
         if states != last:
-            log(f"[ablation] {time.time() - t0:6.0f}s  " + "  ".join(f"{L}:{s}" for L, s in states.items()))
+            log(f"[ablation] {time.monotonic() - t0:6.0f}s  " + "  ".join(f"{L}:{s}" for L, s in states.items()))
             last = states
         if all(s in ("Success", "Failed") or missing[L] >= MISSING_POLLS for L, s in states.items()):
             return states
-        if time.time() - t0 > timeout:
+        if time.monotonic() - t0 > timeout:  # elapsed time, whatever the system clock does
             return states
         time.sleep(poll)
 
@@ -201,8 +201,8 @@ def stop_all(repo: Path, ids: dict[str, str], settle: float = 60.0, poll: float 
               "are queued or running (`dvc queue stop` when they are done)", file=sys.stderr, flush=True)
     else:
         _dvc(["queue", "stop", "--kill"], repo, check=False)
-    t0 = time.time()
-    while time.time() - t0 < settle:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < settle:
         st, workers = read_queue_status(repo)
         if (workers <= 0 or others) and not any(st.get(t, ("", ""))[1] == "Running" for t in ids.values()):
             break

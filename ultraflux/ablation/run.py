@@ -71,8 +71,8 @@ def run_ablation(repo: Path, jobs: int = 1, timeout: float = 7200, poll: float =
     letters = [L for L in LETTERS if L in letters]
     names = [exp_name(L, suffix) for L in letters]
     out_dir = repo / out
-    t_start = time.time()
-    invocation = time.strftime("%Y%m%d-%H%M%S", time.localtime(t_start))
+    t_start = time.monotonic()
+    invocation = time.strftime("%Y%m%d-%H%M%S")
     if mlflow:  # create the store before any worker starts: parallel first opens would race on its schema
         import os
 
@@ -97,7 +97,7 @@ def run_ablation(repo: Path, jobs: int = 1, timeout: float = 7200, poll: float =
         for L, t in ids.items():
             if states.get(L) in ("Queued", "Running"):
                 dvc_queue._dvc(["queue", "kill" if states[L] == "Running" else "remove", t], repo, check=False)
-    wall = time.time() - t_start
+    wall = time.monotonic() - t_start
     shutil.rmtree(out_dir / "logs", ignore_errors=True)  # failure logs of an earlier invocation
     why = f"interrupted by {stopped} after {wall:.0f}s; killed" if stopped else None
     results = dvc_queue.collect(repo, ids, states, suffix, baseline, out_dir, unfinished_reason=why)

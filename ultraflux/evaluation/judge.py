@@ -455,7 +455,7 @@ def judge_pairs(pairs: list[dict], cfg: dict, cache_dir: Path | None, out_dir: P
         if bar is not None:
             bar.update(1)
 
-    t0 = time.time()
+    t0 = time.monotonic()
     workers = max(1, int(c["concurrency"] or 1))
     if workers == 1 or len(pairs) <= 1:
         for i in range(len(pairs)):
@@ -468,7 +468,7 @@ def judge_pairs(pairs: list[dict], cfg: dict, cache_dir: Path | None, out_dir: P
     recs = [r for r in records if r is not None]
     status, error = run_status(recs)
     summary = summarize(recs, model, status=status, n_requests=judge.n_requests, error=error)
-    summary["seconds"] = round(time.time() - t0, 3)
+    summary["seconds"] = round(time.monotonic() - t0, 3)
     summary["base_url"] = str(c["base_url"]) or "official"
     summary = json.loads(redact(json.dumps(summary), [key]))
     if out_dir is not None:
